@@ -1,0 +1,296 @@
+"""STL bases: the encoders ``ex``, ``ew`` and the decoder ``d`` of one t×t tile product.
+
+Convention (docs/math.md): a t×t tile ``M`` is vectorized row-major, ``vec(M)[a*t + b] = M[a, b]``;
+each of ``ex``, ``ew``, ``d`` is a ``(rank, tile*tile)`` matrix and one tile product is
+
+    vec(X @ W) ≈ d.T @ ((ex @ vec(X)) * (ew @ vec(W)))
+
+A basis is *exact* when this holds with equality for every X, W (Strassen, naive).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "STLBasis",
+    "strassen",
+    "naive",
+    "pruned",
+    "random",
+    "fitted",
+    "fitted_ranks",
+    "load",
+    "resolve",
+    "tile_product_tensor",
+]
+
+_FORMAT = "stl-basis/1"
+
+
+def _check_tile_rank(tile: object, rank: object) -> None:
+    if isinstance(tile, bool) or not isinstance(tile, int):
+        raise TypeError(f"tile must be an int, got {type(tile).__name__}")
+    if tile < 2:
+        raise ValueError(f"tile must be >= 2 (a 1x1 tile is a plain scalar product), got {tile}")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+
+
+@dataclass(frozen=True, eq=False)
+class STLBasis:
+    """Encoders and decoder of the STL operator for one tile size and tensor rank.
+
+    Args:
+        tile: tile side t (>= 2).
+        rank: tensor rank r (>= 1), the number of small GEMMs.
+        ex: ``(rank, tile*tile)`` encoder of the left operand X (activations).
+        ew: ``(rank, tile*tile)`` encoder of the right operand W (weights).
+        d: ``(rank, tile*tile)`` decoder.
+        name: a label shown in reports.
+        alpha: mean squared error per output entry for Gaussian X, W tiles, when known.
+
+    Construction validates shapes, dtypes and finiteness, and stores the three matrices as
+    contiguous float64 CPU tensors; use :meth:`to` for the dtype/device of a model.
+    """
+
+    tile: int
+    rank: int
+    ex: torch.Tensor
+    ew: torch.Tensor
+    d: torch.Tensor
+    name: str = "custom"
+    alpha: float | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        _check_tile_rank(self.tile, self.rank)
+        expected = (self.rank, self.tile * self.tile)
+        for label in ("ex", "ew", "d"):
+            value = getattr(self, label)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"basis matrix {label!r} must be a torch.Tensor, got "
+                                f"{type(value).__name__}")
+            if not value.is_floating_point():
+                raise TypeError(f"basis matrix {label!r} must be floating point, got {value.dtype}")
+            if tuple(value.shape) != expected:
+                raise ValueError(f"basis matrix {label!r} has shape {tuple(value.shape)}; a basis "
+                                 f"with tile={self.tile}, rank={self.rank} needs (rank, tile*tile)"
+                                 f" = {expected}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"basis matrix {label!r} contains NaN or Inf")
+            object.__setattr__(self, label, value.detach().to("cpu", torch.float64).contiguous())
+
+    @property
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.ex, self.ew, self.d
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ex, ew, d)`` converted to ``dtype`` / ``device``."""
+        return tuple(m.to(device=device, dtype=dtype) for m in self.matrices)  # type: ignore
+
+    def tensor(self) -> torch.Tensor:
+        """The ``(t², t², t²)`` tensor this basis computes: ``sum_p ex[p]⊗ew[p]⊗d[p]``."""
+        return torch.einsum("pa,pb,pc->abc", self.ex, self.ew, self.d)
+
+    def exactness_error(self) -> float:
+        """Frobenius distance to the exact tile-product tensor (0 for an exact basis)."""
+        return float(torch.linalg.vector_norm(self.tensor() - tile_product_tensor(self.tile)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the basis to a safetensors file (no pickle: loading never runs code)."""
+        from safetensors.torch import save_file
+
+        meta = {"format": _FORMAT, "tile": str(self.tile), "rank": str(self.rank),
+                "name": self.name, "alpha": json.dumps(self.alpha)}
+        save_file({"ex": self.ex, "ew": self.ew, "d": self.d}, os.fspath(path), metadata=meta)
+
+    def __repr__(self) -> str:
+        alpha = "" if self.alpha is None else f", alpha={self.alpha:.4g}"
+        return f"STLBasis(name={self.name!r}, tile={self.tile}, rank={self.rank}{alpha})"
+
+
+def load(path: str | os.PathLike) -> STLBasis:
+    """Read a basis written by :meth:`STLBasis.save`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a safetensors file holding an STL basis.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no basis file at {path!r}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            meta = handle.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path!r} is not a safetensors file, so not an STL basis "
+                         f"(write one with STLBasis.save): {err}") from err
+    if meta.get("format") != _FORMAT or not {"ex", "ew", "d"} <= tensors.keys():
+        raise ValueError(f"{path!r} is a safetensors file but not an STL basis: expected metadata "
+                         f"format={_FORMAT!r} and tensors ex, ew, d; found tensors "
+                         f"{sorted(tensors)} and metadata {meta}")
+    try:
+        tile, rank = int(meta["tile"]), int(meta["rank"])
+        alpha = json.loads(meta.get("alpha", "null"))
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path!r}: malformed basis metadata {meta}") from err
+    return STLBasis(tile, rank, tensors["ex"], tensors["ew"], tensors["d"],
+                    name=meta.get("name", "loaded"), alpha=alpha)
+
+
+def tile_product_tensor(tile: int) -> torch.Tensor:
+    """The exact ``(t², t², t²)`` tensor of the t×t matrix product, row-major vectors.
+
+    ``T[i*t+l, l*t+j, i*t+j] = 1``: X[i,l]·W[l,j] contributes to Y[i,j].
+    """
+    _check_tile_rank(tile, 1)
+    t = tile
+    T = torch.zeros(t * t, t * t, t * t, dtype=torch.float64)
+    for i in range(t):
+        for l in range(t):
+            for j in range(t):
+                T[i * t + l, l * t + j, i * t + j] = 1.0
+    return T
+
+
+def naive(tile: int) -> STLBasis:
+    """The exact basis of rank t³: one product X[i,l]·W[l,j] per row."""
+    _check_tile_rank(tile, 1)
+    t = tile
+    r = t ** 3
+    ex, ew, d = (torch.zeros(r, t * t, dtype=torch.float64) for _ in range(3))
+    p = 0
+    for i in range(t):
+        for l in range(t):
+            for j in range(t):
+                ex[p, i * t + l] = ew[p, l * t + j] = d[p, i * t + j] = 1.0
+                p += 1
+    return STLBasis(t, r, ex, ew, d, name=f"naive{t}", alpha=0.0)
+
+
+# Strassen (1969) on a 2×2 block matrix; columns are row-major (11, 12, 21, 22).
+_STRASSEN2_EX = [[1, 0, 0, 1], [0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 1],
+                 [1, 1, 0, 0], [-1, 0, 1, 0], [0, 1, 0, -1]]
+_STRASSEN2_EW = [[1, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, -1], [-1, 0, 1, 0],
+                 [0, 0, 0, 1], [1, 1, 0, 0], [0, 0, 1, 1]]
+_STRASSEN2_D = [[1, 0, 0, 1], [0, 0, 1, -1], [0, 1, 0, 1], [1, 0, 1, 0],
+                [-1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+
+
+def _nest(outer: torch.Tensor, inner: torch.Tensor, inner_tile: int) -> torch.Tensor:
+    """Rows of a 2×2-block outer scheme applied to (inner_tile × inner_tile) blocks.
+
+    Entry (a, b) of the (2s × 2s) tile splits as a = a_hi*s + a_lo; the nested coefficient is
+    outer[p_out, a_hi*2 + b_hi] * inner[p_in, a_lo*s + b_lo], with row p = p_out*r_in + p_in.
+    """
+    s = inner_tile
+    o = outer.reshape(-1, 2, 1, 2, 1)            # (p_out, a_hi, ., b_hi, .)
+    i = inner.reshape(-1, 1, s, 1, s)            # (p_in, ., a_lo, ., b_lo)
+    nested = o[:, None] * i[None]                # (p_out, p_in, a_hi, a_lo, b_hi, b_lo)
+    return nested.reshape(outer.shape[0] * inner.shape[0], 4 * s * s)
+
+
+def strassen(tile: int = 4) -> STLBasis:
+    """Strassen's exact basis for a power-of-two tile: rank 7^log2(tile) (49 for tile 4)."""
+    _check_tile_rank(tile, 1)
+    if tile & (tile - 1):
+        raise ValueError(f"strassen needs a power-of-two tile, got {tile}; use naive({tile})")
+    mats = [torch.tensor(m, dtype=torch.float64) for m in
+            (_STRASSEN2_EX, _STRASSEN2_EW, _STRASSEN2_D)]
+    result, t = list(mats), 2
+    while t < tile:
+        result = [_nest(o, r, t) for o, r in zip(mats, result)]
+        t *= 2
+    return STLBasis(tile, result[0].shape[0], *result, name=f"strassen{tile}", alpha=0.0)
+
+
+def pruned(basis: STLBasis, rank: int, seed: int = 0) -> STLBasis:
+    """Keep a random subset of ``rank`` rows of ``basis`` (paper appendix B.1)."""
+    if not isinstance(basis, STLBasis):
+        raise TypeError(f"pruned() takes an STLBasis, got {type(basis).__name__}")
+    _check_tile_rank(basis.tile, rank)
+    if rank > basis.rank:
+        raise ValueError(f"cannot prune a rank-{basis.rank} basis to rank {rank}")
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(basis.rank, generator=gen)[:rank].sort().values
+    alpha = basis.alpha if rank == basis.rank else None
+    return STLBasis(basis.tile, rank, basis.ex[rows], basis.ew[rows], basis.d[rows],
+                    name=f"{basis.name}-pruned{rank}", alpha=alpha)
+
+
+def random(tile: int, rank: int, seed: int = 0) -> STLBasis:
+    """A Gaussian basis, scaled so an encoded entry has the variance of a tile entry."""
+    _check_tile_rank(tile, rank)
+    gen = torch.Generator().manual_seed(seed)
+    scale = 1.0 / math.sqrt(tile * tile)
+    ex, ew, d = (torch.randn(rank, tile * tile, generator=gen, dtype=torch.float64) * scale
+                 for _ in range(3))
+    return STLBasis(tile, rank, ex, ew, d, name=f"random{tile}x{rank}")
+
+
+def resolve(spec: STLBasis | str, tile: int, rank: int, seed: int = 0) -> STLBasis:
+    """Turn a basis name into an :class:`STLBasis` of the requested tile and rank.
+
+    Names: ``"strassen"`` (exact, rank fixed by the tile), ``"strassen-pruned"``,
+    ``"naive"`` (exact, rank t³), ``"random"``, ``"fitted"`` (shipped fitted bases).
+    An ``STLBasis`` is checked against ``tile`` and returned as is.
+    """
+    if isinstance(spec, STLBasis):
+        if spec.tile != tile:
+            raise ValueError(f"basis {spec.name!r} has tile {spec.tile}, config asks for {tile}")
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"basis must be an STLBasis or a name, got {type(spec).__name__}")
+    if spec == "strassen":
+        return strassen(tile)
+    if spec == "naive":
+        return naive(tile)
+    if spec == "strassen-pruned":
+        return pruned(strassen(tile), rank, seed)
+    if spec == "random":
+        return random(tile, rank, seed)
+    if spec == "fitted":
+        return fitted(tile, rank)
+    raise ValueError(f"unknown basis name {spec!r}; choose one of 'fitted', 'strassen', "
+                     f"'strassen-pruned', 'naive', 'random', or pass an STLBasis")
+
+
+def _data_dir() -> str:
+    return os.path.join(os.path.dirname(__file__), "data")
+
+
+def fitted_ranks(tile: int = 4) -> list[int]:
+    """Ranks for which a fitted basis of this tile ships with the package."""
+    pattern = re.compile(rf"fitted_t{tile}_r(\d+)\.safetensors$")
+    names = os.listdir(_data_dir()) if os.path.isdir(_data_dir()) else []
+    return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+
+
+def fitted(tile: int = 4, rank: int = 24) -> STLBasis:
+    """A shipped basis fitted to Gaussian tiles (``stl_compiler/data``; see docs/quality.md).
+
+    Its ``alpha`` is the mean squared error per output entry for Gaussian X, W tiles.
+    """
+    _check_tile_rank(tile, rank)
+    path = os.path.join(_data_dir(), f"fitted_t{tile}_r{rank}.safetensors")
+    if not os.path.exists(path):
+        raise ValueError(f"no fitted basis ships for tile={tile}, rank={rank}; shipped ranks for "
+                         f"tile {tile}: {fitted_ranks(tile) or 'none'}. Fit one with "
+                         f"`stl-compiler fit-basis --tile {tile} --rank {rank} --out FILE` and "
+                         f"pass bases.load(FILE)")
+    return load(path)

@@ -1,0 +1,115 @@
+"""Modules: :class:`STLLinear`, the drop-in STL replacement of ``nn.Linear``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .bases import STLBasis
+from .functional import check_operand, dense_flops, stl_flops
+from .runtime.ops import decode, encode
+from .tiling import check_row_grouping, group_rows, pad_last2, round_up, ungroup_rows
+
+__all__ = ["STLLinear"]
+
+
+class STLLinear(nn.Module):
+    """``y = STL(x, Wᵀ) + b`` with the weight kept pre-encoded.
+
+    Parameters (all trainable, all in ``state_dict``):
+        weight_encoded: ``(rank, K/t, M/t)`` (K, M padded to the tile), the encoded ``Wᵀ``:
+            a free "fake encoding" (paper remark 3.2) once training starts.
+        ex, d: ``(rank, t*t)`` activation encoder and decoder.
+        bias: ``(M,)`` or None.
+
+    Args:
+        in_features, out_features: K and M.
+        tile, rank: tile side t and tensor rank r.
+        bias: whether to hold a bias.
+        row_grouping: which rows share a tile. ``"tokens"``: t consecutive positions of one
+            sequence (dim -2 of the input). ``"batch"``: the same position in t sequences (all
+            leading dims are sequences; a 2-D input is N sequences of length 1). With an
+            inexact basis, an output row depends on the other rows of its tile: "batch" is the
+            causality-safe choice for autoregressive decoders.
+        train_basis: when False, ``ex`` and ``d`` are frozen (``requires_grad=False``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, tile: int, rank: int, *,
+                 bias: bool = True, row_grouping: str = "tokens", train_basis: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__()
+        check_row_grouping(row_grouping)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"features must be >= 1, got {in_features} -> {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.tile, self.rank, self.row_grouping = tile, rank, row_grouping
+        kw = {"device": device, "dtype": dtype}
+        kp, mp = round_up(in_features, tile), round_up(out_features, tile)
+        self.weight_encoded = nn.Parameter(torch.zeros(rank, kp // tile, mp // tile, **kw))
+        self.ex = nn.Parameter(torch.zeros(rank, tile * tile, **kw), requires_grad=train_basis)
+        self.d = nn.Parameter(torch.zeros(rank, tile * tile, **kw), requires_grad=train_basis)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, basis: STLBasis, row_grouping: str = "tokens",
+                    train_basis: bool = True) -> STLLinear:
+        """Encode an existing ``nn.Linear`` with ``basis.ew``; exact bases reproduce it."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(basis, STLBasis):
+            raise TypeError(f"basis must be an STLBasis, got {type(basis).__name__}")
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, basis.tile, basis.rank,
+                     bias=linear.bias is not None, row_grouping=row_grouping,
+                     train_basis=train_basis, device=weight.device, dtype=weight.dtype)
+        module.load_basis(basis, weight.t())
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    @torch.no_grad()
+    def load_basis(self, basis: STLBasis, weight_t: Tensor) -> None:
+        """Set ``ex``, ``d`` from ``basis`` and encode ``weight_t (K, M)`` with ``basis.ew``."""
+        if (basis.tile, basis.rank) != (self.tile, self.rank):
+            raise ValueError(f"basis has tile={basis.tile}, rank={basis.rank}; this layer has "
+                             f"tile={self.tile}, rank={self.rank}")
+        ex, ew, d = basis.to(torch.float64, weight_t.device)
+        padded = pad_last2(weight_t.double(), *self._padded_km())
+        self.weight_encoded.copy_(encode(padded, ew, self.tile))
+        self.ex.copy_(ex)
+        self.d.copy_(d)
+
+    def _padded_km(self) -> tuple[int, int]:
+        return round_up(self.in_features, self.tile), round_up(self.out_features, self.tile)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_operand(x, "input", min_dim=1)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects "
+                             f"{self.in_features} (input shape {tuple(x.shape)})")
+        squeeze = x.dim() == 1
+        if squeeze:
+            x = x.unsqueeze(0)
+        rows = group_rows(x, self.row_grouping)
+        kp, mp = self._padded_km()
+        n = rows.shape[-2]
+        encoded = encode(pad_last2(rows, round_up(n, self.tile), kp), self.ex, self.tile)
+        flat = encoded.reshape(self.rank, -1, encoded.shape[-1])
+        product = torch.bmm(flat, self.weight_encoded)
+        product = product.reshape(*encoded.shape[:-1], product.shape[-1])
+        y = decode(product, self.d, self.tile)[..., :n, : self.out_features]
+        y = ungroup_rows(y, x, self.row_grouping)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.squeeze(0) if squeeze else y
+
+    def flop_ratio(self, rows: int = 4096) -> float:
+        """STL FLOPs over dense FLOPs for ``rows`` input rows."""
+        k, m = self.in_features, self.out_features
+        return stl_flops(rows, k, m, self.tile, self.rank) / dense_flops(rows, k, m)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"tile={self.tile}, rank={self.rank}, row_grouping={self.row_grouping!r}, "
+                f"bias={self.bias is not None}, flops={self.flop_ratio():.3f}x dense")
