@@ -10,11 +10,14 @@ Public API::
 
 from . import bases, runtime
 from .bases import STLBasis
+from .config import STLConfig
+from .convert import swap_linears_
 from .functional import dense_flops, stl_flops, stl_matmul, stl_matmul_reference
 from .nn import STLLinear
 
 __all__ = [
     "STLBasis",
+    "STLConfig",
     "STLLinear",
     "bases",
     "dense_flops",
@@ -22,5 +25,6 @@ __all__ = [
     "stl_flops",
     "stl_matmul",
     "stl_matmul_reference",
+    "swap_linears_",
 ]
 __version__ = "0.1.0"
