@@ -16,12 +16,13 @@ __all__ = ["swap_linears_"]
 
 
 def swap_linears_(model: nn.Module, config: STLConfig | None = None, *,
-                  train_basis: bool = True) -> dict[str, str]:
+                  train_basis: bool = True, keep_reference: bool = False) -> dict[str, str]:
     """Replace every ``nn.Linear`` of ``model`` that the config selects, in place.
 
     Each layer is encoded from its trained weight with the basis of its site (so an exact
     basis keeps the model's outputs); ``config.filter_fn(fqn, module)``, ``overrides`` and
-    ``min_dim`` (on in/out features) apply as in :func:`stl_compile`.
+    ``min_dim`` (on in/out features) apply as in :func:`stl_compile`. ``keep_reference``
+    keeps each dense weight attached for :func:`stl_compiler.calibrate`.
 
     Returns:
         ``{fqn: "converted" | reason it was kept dense}`` for every ``nn.Linear`` found.
@@ -44,7 +45,8 @@ def swap_linears_(model: nn.Module, config: STLConfig | None = None, *,
             outcome[fqn] = f"skipped: dims not multiples of tile {spec.tile} and pad=False"
         else:
             layer = STLLinear.from_linear(module, spec.basis, row_grouping=config.row_grouping,
-                                          train_basis=train_basis)
+                                          train_basis=train_basis,
+                                          keep_reference=keep_reference)
             parent_name, _, child = fqn.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
             outcome[fqn] = "converted"

@@ -53,8 +53,14 @@ class STLLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, basis: STLBasis, row_grouping: str = "tokens",
-                    train_basis: bool = True) -> STLLinear:
-        """Encode an existing ``nn.Linear`` with ``basis.ew``; exact bases reproduce it."""
+                    train_basis: bool = True, keep_reference: bool = False) -> STLLinear:
+        """Encode an existing ``nn.Linear`` with ``basis.ew``; exact bases reproduce it.
+
+        With ``keep_reference=True`` the dense weight stays attached as the non-persistent
+        buffer ``reference_weight`` (no copy: it is the linear's own tensor) so that
+        :func:`stl_compiler.calibrate` can fit the layer to the dense output; drop it with
+        ``del module.reference_weight`` once calibrated.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         if not isinstance(basis, STLBasis):
@@ -66,6 +72,8 @@ class STLLinear(nn.Module):
         module.load_basis(basis, weight.t())
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
+        if keep_reference:
+            module.register_buffer("reference_weight", weight, persistent=False)
         return module
 
     @torch.no_grad()
