@@ -33,7 +33,10 @@ def swap_linears_(model: nn.Module, config: STLConfig | None = None, *,
         if not isinstance(module, nn.Linear) or isinstance(module, STLLinear):
             continue
         spec = config.site_spec(fqn)
-        if "linear" not in config.targets:
+        if module is model:
+            outcome[fqn] = ("skipped: the model itself is an nn.Linear and cannot be swapped in "
+                            "place; use STLLinear.from_linear")
+        elif "linear" not in config.targets:
             outcome[fqn] = "skipped: 'linear' not in config.targets"
         elif spec is None:
             outcome[fqn] = "skipped: override says skip"

@@ -9,7 +9,10 @@ from .bases import STLBasis
 from .runtime.ops import decode, encode
 from .tiling import pad_last2, round_up
 
-__all__ = ["stl_matmul", "stl_matmul_reference", "stl_flops", "dense_flops", "check_operand"]
+__all__ = [
+    "stl_matmul", "stl_product", "stl_matmul_reference", "stl_flops", "dense_flops",
+    "check_operand", "check_matmul_operands",
+]
 
 
 def check_operand(x: object, name: str, min_dim: int = 2) -> None:
@@ -21,6 +24,17 @@ def check_operand(x: object, name: str, min_dim: int = 2) -> None:
                         f"convert it with .float() first")
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+
+
+def check_matmul_operands(x: object, w: object) -> None:
+    """Raise a clear error unless ``x (..., n, k) @ w (..., k, m)`` is a valid STL product."""
+    check_operand(x, "x")
+    check_operand(w, "w")
+    if x.shape[-1] != w.shape[-2]:
+        raise ValueError(f"inner dimensions differ: x is {tuple(x.shape)} and w is "
+                         f"{tuple(w.shape)} (x.shape[-1] must equal w.shape[-2])")
+    if x.dtype != w.dtype:
+        raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
 
 
 def _check_basis(basis: object) -> None:
@@ -37,25 +51,25 @@ def stl_matmul(x: Tensor, w: Tensor, basis: STLBasis) -> Tensor:
     :class:`stl_compiler.STLLinear`, which keeps it pre-encoded. With an exact basis the result
     equals ``torch.matmul(x, w)`` up to rounding.
     """
-    check_operand(x, "x")
-    check_operand(w, "w")
+    check_matmul_operands(x, w)
     _check_basis(basis)
-    if x.shape[-1] != w.shape[-2]:
-        raise ValueError(f"inner dimensions differ: x is {tuple(x.shape)} and w is "
-                         f"{tuple(w.shape)} (x.shape[-1] must equal w.shape[-2])")
-    if x.dtype != w.dtype:
-        raise TypeError(f"x and w dtypes differ: {x.dtype} vs {w.dtype}")
-    t = basis.tile
+    return stl_product(x, w, *basis.to(x.dtype, x.device), basis.tile)
+
+
+def stl_product(x: Tensor, w: Tensor, ex: Tensor, ew: Tensor, d: Tensor, tile: int) -> Tensor:
+    """STL product with explicit (possibly trainable) basis tensors; no input validation.
+
+    Leading dims of the operands are aligned (not expanded) so the rank-major encoded tensors
+    broadcast in the batched matmul exactly as ``torch.matmul`` would.
+    """
     n, k, m = x.shape[-2], x.shape[-1], w.shape[-1]
     ndim = max(x.dim(), w.dim())
     x = x.reshape((1,) * (ndim - x.dim()) + tuple(x.shape))
     w = w.reshape((1,) * (ndim - w.dim()) + tuple(w.shape))
-    np_, kp, mp = round_up(n, t), round_up(k, t), round_up(m, t)
-    ex, ew, d = basis.to(x.dtype, x.device)
-    xh = encode(pad_last2(x, np_, kp), ex, t)
-    wh = encode(pad_last2(w, kp, mp), ew, t)
-    y = decode(torch.matmul(xh, wh), d, t)
-    return y[..., :n, :m]
+    kp = round_up(k, tile)
+    xh = encode(pad_last2(x, round_up(n, tile), kp), ex.to(x.dtype), tile)
+    wh = encode(pad_last2(w, kp, round_up(m, tile)), ew.to(w.dtype), tile)
+    return decode(torch.matmul(xh, wh), d.to(x.dtype), tile)[..., :n, :m]
 
 
 def stl_matmul_reference(x: Tensor, w: Tensor, basis: STLBasis) -> Tensor:

@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .bases import STLBasis
-from .functional import check_operand, dense_flops, stl_flops
+from .bases import STLBasis, _check_tile_rank
+from .functional import (
+    check_matmul_operands,
+    check_operand,
+    dense_flops,
+    stl_flops,
+    stl_product,
+)
 from .runtime.ops import decode, encode
 from .tiling import check_row_grouping, group_rows, pad_last2, round_up, ungroup_rows
 
-__all__ = ["STLLinear"]
+__all__ = ["STLLinear", "STLMatmul"]
 
 
 class STLLinear(nn.Module):
@@ -40,6 +46,7 @@ class STLLinear(nn.Module):
                  ) -> None:
         super().__init__()
         check_row_grouping(row_grouping)
+        _check_tile_rank(tile, rank)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"features must be >= 1, got {in_features} -> {out_features}")
         self.in_features, self.out_features = in_features, out_features
@@ -57,23 +64,37 @@ class STLLinear(nn.Module):
         """Encode an existing ``nn.Linear`` with ``basis.ew``; exact bases reproduce it.
 
         With ``keep_reference=True`` the dense weight stays attached as the non-persistent
-        buffer ``reference_weight`` (no copy: it is the linear's own tensor) so that
-        :func:`stl_compiler.calibrate` can fit the layer to the dense output; drop it with
+        buffer ``reference_weight`` ``(out, in)`` (no copy: it is the linear's own tensor) so
+        that :func:`stl_compiler.calibrate` can fit the layer to the dense output; drop it with
         ``del module.reference_weight`` once calibrated.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        return cls.from_weight(linear.weight.t(), linear.bias, basis, row_grouping=row_grouping,
+                               train_basis=train_basis, keep_reference=keep_reference)
+
+    @classmethod
+    def from_weight(cls, weight_t: Tensor, bias: Tensor | None, basis: STLBasis,
+                    row_grouping: str = "tokens", train_basis: bool = True,
+                    keep_reference: bool = False) -> STLLinear:
+        """Build the layer ``y = x @ weight_t + bias`` from ``weight_t (in, out)``.
+
+        This is the STL "W" orientation (``nn.Linear.weight.t()``, HF ``Conv1D.weight``).
+        """
         if not isinstance(basis, STLBasis):
             raise TypeError(f"basis must be an STLBasis, got {type(basis).__name__}")
-        weight = linear.weight.detach()
-        module = cls(linear.in_features, linear.out_features, basis.tile, basis.rank,
-                     bias=linear.bias is not None, row_grouping=row_grouping,
-                     train_basis=train_basis, device=weight.device, dtype=weight.dtype)
-        module.load_basis(basis, weight.t())
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
+        check_operand(weight_t, "weight")
+        if weight_t.dim() != 2:
+            raise ValueError(f"weight must be 2-D (in, out), got shape {tuple(weight_t.shape)}")
+        weight_t = weight_t.detach()
+        module = cls(weight_t.shape[0], weight_t.shape[1], basis.tile, basis.rank,
+                     bias=bias is not None, row_grouping=row_grouping,
+                     train_basis=train_basis, device=weight_t.device, dtype=weight_t.dtype)
+        module.load_basis(basis, weight_t)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
         if keep_reference:
-            module.register_buffer("reference_weight", weight, persistent=False)
+            module.register_buffer("reference_weight", weight_t.t(), persistent=False)
         return module
 
     @torch.no_grad()
@@ -121,3 +142,30 @@ class STLLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"tile={self.tile}, rank={self.rank}, row_grouping={self.row_grouping!r}, "
                 f"bias={self.bias is not None}, flops={self.flop_ratio():.3f}x dense")
+
+
+class STLMatmul(nn.Module):
+    """Activation × activation STL product ``STL(a, b)`` with trainable ``ex``, ``ew``, ``d``.
+
+    Both operands are encoded at run time (attention QKᵀ and AV); batch dims broadcast as in
+    ``torch.matmul``. Used by :func:`stl_compiler.stl_compile` for ``matmul`` sites.
+    """
+
+    def __init__(self, basis: STLBasis, *, train_basis: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__()
+        if not isinstance(basis, STLBasis):
+            raise TypeError(f"basis must be an STLBasis, got {type(basis).__name__}")
+        self.tile, self.rank = basis.tile, basis.rank
+        ex, ew, d = basis.to(dtype or torch.get_default_dtype(), device)
+        self.ex = nn.Parameter(ex, requires_grad=train_basis)
+        self.ew = nn.Parameter(ew, requires_grad=train_basis)
+        self.d = nn.Parameter(d, requires_grad=train_basis)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        check_matmul_operands(a, b)
+        return stl_product(a, b, self.ex, self.ew, self.d, self.tile)
+
+    def extra_repr(self) -> str:
+        return f"tile={self.tile}, rank={self.rank}"

@@ -9,7 +9,8 @@ ROW_GROUPINGS = ("tokens", "batch")
 
 
 def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+    # Non-negative operands only: exported graphs lower floordiv to ONNX Div, which truncates.
+    return (value + multiple - 1) // multiple * multiple
 
 
 def to_tiles(x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -31,7 +32,8 @@ def from_tiles(tiles: torch.Tensor, tile: int) -> torch.Tensor:
 def pad_last2(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Zero-pad the last two dims of ``x`` up to ``(rows, cols)``; a no-op when already there."""
     pad_rows, pad_cols = rows - x.shape[-2], cols - x.shape[-1]
-    if pad_rows == 0 and pad_cols == 0:
+    # Symbolic sizes (torch.export with dynamic dims) must not be branched on: pad always.
+    if type(pad_rows) is int and type(pad_cols) is int and pad_rows == 0 and pad_cols == 0:
         return x
     return F.pad(x, (0, pad_cols, 0, pad_rows))
 

@@ -139,6 +139,7 @@ def _mask_padding(y: Tensor, rows: int, cols: int) -> Tensor:
 def decode_epilogue_aten(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
                          scale: float, tile: int) -> Tensor:
     """``scale * act(decode(encoded, d) + bias)`` (bias zero-padded to the padded width)."""
+    check_activation(activation)
     return ACTIVATIONS[activation](_decode_affine(encoded, d, bias, tile)) * scale
 
 
@@ -154,6 +155,7 @@ def decode_glu_encode_aten(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | Non
                            up_d: Tensor, up_bias: Tensor | None, ex: Tensor, activation: str,
                            scale: float, tile: int, rows: int, cols: int) -> Tensor:
     """Gated unit (SwiGLU with ``activation="silu"``): encode ``scale*act(gate)*up``."""
+    check_activation(activation)
     g = ACTIVATIONS[activation](_decode_affine(gate, gate_d, gate_bias, tile))
     y = g * _decode_affine(up, up_d, up_bias, tile) * scale
     return encode_aten(_mask_padding(y, rows, cols), ex, tile)

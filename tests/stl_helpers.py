@@ -1,0 +1,27 @@
+"""Small helpers shared by the tests (imported as ``stl_helpers``; tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import torch
+
+from stl_compiler import bases
+
+#: Exact bases small enough for fast tests (strassen(8) has rank 343, still cheap at tiny sizes).
+EXACT_BASES = {
+    "strassen2": lambda: bases.strassen(2),
+    "strassen4": lambda: bases.strassen(4),
+    "strassen8": lambda: bases.strassen(8),
+    "naive3": lambda: bases.naive(3),
+    "naive4": lambda: bases.naive(4),
+    "strassen4-pruned49": lambda: bases.pruned(bases.strassen(4), 49),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a - b‖ / ‖b‖`` in float64 (``‖a‖`` when ``b`` is zero)."""
+    if a.shape != b.shape:
+        raise AssertionError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a, b = a.detach().double(), b.detach().double()
+    denom = torch.linalg.vector_norm(b)
+    diff = torch.linalg.vector_norm(a - b)
+    return float(diff / denom) if denom > 0 else float(diff)

@@ -1,0 +1,271 @@
+"""stl_compiler.bases: construction checks, exactness, pruning, save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from stl_helpers import EXACT_BASES
+
+from stl_compiler import bases
+from stl_compiler.bases import STLBasis
+
+
+def _mats(rank: int, tile: int, dtype=torch.float64):
+    return [torch.randn(rank, tile * tile, dtype=dtype) for _ in range(3)]
+
+
+def _vec(tile: torch.Tensor) -> torch.Tensor:
+    """Row-major vectorization written out by hand: index a*t + b holds tile[a, b]."""
+    t = tile.shape[0]
+    return torch.stack([tile[a, b] for a in range(t) for b in range(t)])
+
+
+def _tile_product(basis: STLBasis, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One tile product d.T @ ((ex @ vec X) * (ew @ vec W)), reshaped row-major to t×t."""
+    y = basis.d.T @ ((basis.ex @ _vec(x)) * (basis.ew @ _vec(w)))
+    return y.reshape(basis.tile, basis.tile)
+
+
+# --- exact bases ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(EXACT_BASES))
+def test_exact_basis_computes_the_tile_product(name):
+    basis = EXACT_BASES[name]()
+    t = basis.tile
+    for _ in range(3):
+        x, w = torch.randn(t, t, dtype=torch.float64), torch.randn(t, t, dtype=torch.float64)
+        y = _tile_product(basis, x, w)
+        assert torch.allclose(y, x @ w, rtol=0, atol=1e-12)
+    assert basis.exactness_error() < 1e-12
+    assert basis.alpha == 0.0
+
+
+@pytest.mark.parametrize("tile, rank", [(2, 7), (4, 49), (8, 343)])
+def test_strassen_rank(tile, rank):
+    basis = bases.strassen(tile)
+    assert (basis.tile, basis.rank) == (tile, rank)
+    assert all(m.shape == (rank, tile * tile) for m in basis.matrices)
+
+
+@pytest.mark.parametrize("tile", [2, 3, 4])
+def test_naive_rank_and_tensor(tile):
+    basis = bases.naive(tile)
+    assert basis.rank == tile**3
+    assert torch.equal(basis.tensor(), bases.tile_product_tensor(tile))
+
+
+def test_tile_product_tensor_is_row_major_matmul():
+    t = 3
+    T = bases.tile_product_tensor(t)
+    x, w = torch.randn(t, t, dtype=torch.float64), torch.randn(t, t, dtype=torch.float64)
+    y = torch.einsum("a,b,abc->c", _vec(x), _vec(w), T)
+    assert torch.allclose(y, _vec(x @ w), atol=1e-12)
+
+
+def test_strassen_needs_power_of_two():
+    with pytest.raises(ValueError, match="power-of-two"):
+        bases.strassen(3)
+
+
+# --- pruned / random -----------------------------------------------------------------------
+
+def test_pruned_full_rank_is_exact():
+    basis = bases.pruned(bases.strassen(4), 49)
+    assert basis.rank == 49
+    assert basis.exactness_error() < 1e-12
+    assert basis.alpha == 0.0
+
+
+def test_pruned_keeps_a_subset_of_rows_deterministically():
+    full = bases.strassen(4)
+    a, b = bases.pruned(full, 24, seed=3), bases.pruned(full, 24, seed=3)
+    c = bases.pruned(full, 24, seed=4)
+    assert a.rank == 24 and a.alpha is None
+    assert torch.equal(a.ex, b.ex) and torch.equal(a.d, b.d)
+    assert not torch.equal(a.ex, c.ex)
+    stacked = torch.cat([full.ex, full.ew, full.d], dim=1)
+    for row in torch.cat([a.ex, a.ew, a.d], dim=1):
+        assert (stacked == row).all(dim=1).any()
+    assert a.exactness_error() > 1.0
+
+
+def test_pruned_errors():
+    with pytest.raises(ValueError, match="cannot prune"):
+        bases.pruned(bases.strassen(2), 8)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        bases.pruned(bases.strassen(2), 0)
+    with pytest.raises(TypeError, match="STLBasis"):
+        bases.pruned("strassen", 3)
+
+
+def test_random_basis():
+    a, b = bases.random(4, 24, seed=1), bases.random(4, 24, seed=1)
+    c = bases.random(4, 24, seed=2)
+    assert (a.tile, a.rank) == (4, 24)
+    assert torch.equal(a.ew, b.ew) and not torch.equal(a.ew, c.ew)
+    assert a.exactness_error() > 1.0
+
+
+# --- construction checks -------------------------------------------------------------------
+
+@pytest.mark.parametrize("tile", [1, 0, -2])
+def test_tile_below_two_raises(tile):
+    with pytest.raises(ValueError, match="tile must be >= 2"):
+        STLBasis(tile, 3, *_mats(3, 2))
+    with pytest.raises(ValueError, match="tile must be >= 2"):
+        bases.random(tile, 3)
+    with pytest.raises(ValueError, match="tile must be >= 2"):
+        bases.naive(tile)
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_rank_below_one_raises(rank):
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        STLBasis(2, rank, *_mats(1, 2))
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        bases.random(2, rank)
+
+
+def test_non_int_tile_or_rank_raises():
+    with pytest.raises(TypeError, match="tile must be an int"):
+        STLBasis(2.0, 3, *_mats(3, 2))
+    with pytest.raises(TypeError, match="rank must be an int"):
+        STLBasis(2, "3", *_mats(3, 2))
+
+
+@pytest.mark.parametrize("label", ["ex", "ew", "d"])
+@pytest.mark.parametrize("shape", [(3, 9), (4, 4), (3,), (3, 4, 1)])
+def test_wrong_matrix_shape_raises(label, shape):
+    mats = dict(zip(("ex", "ew", "d"), _mats(3, 2)))
+    mats[label] = torch.randn(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"'{label}' has shape"):
+        STLBasis(2, 3, **mats)
+
+
+@pytest.mark.parametrize("label", ["ex", "ew", "d"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_matrix_raises(label, bad):
+    mats = dict(zip(("ex", "ew", "d"), _mats(3, 2)))
+    mats[label][1, 2] = bad
+    with pytest.raises(ValueError, match=rf"'{label}' contains NaN or Inf"):
+        STLBasis(2, 3, **mats)
+
+
+def test_non_float_or_non_tensor_matrix_raises():
+    ex, ew, d = _mats(3, 2)
+    with pytest.raises(TypeError, match="'ew' must be floating point"):
+        STLBasis(2, 3, ex, torch.ones(3, 4, dtype=torch.int64), d)
+    with pytest.raises(TypeError, match="'d' must be a torch.Tensor"):
+        STLBasis(2, 3, ex, ew, d.tolist())
+
+
+def test_matrices_are_stored_as_float64_cpu_copies():
+    ex, ew, d = _mats(3, 2, torch.float32)
+    ex.requires_grad_(True)
+    basis = STLBasis(2, 3, ex, ew, d)
+    for m in basis.matrices:
+        assert m.dtype == torch.float64 and m.device.type == "cpu" and m.is_contiguous()
+        assert not m.requires_grad
+    assert torch.equal(basis.ex, ex.detach().double())
+    ex32, _, d32 = basis.to(torch.float32)
+    assert ex32.dtype == torch.float32 and torch.equal(d32, d)
+
+
+def test_repr_names_the_basis():
+    text = repr(bases.strassen(2))
+    assert "strassen2" in text and "tile=2" in text and "rank=7" in text
+
+
+# --- resolve / fitted ----------------------------------------------------------------------
+
+def test_resolve_names():
+    assert bases.resolve("strassen", 2, 5).rank == 7
+    assert bases.resolve("naive", 3, 5).rank == 27
+    assert bases.resolve("strassen-pruned", 4, 20).rank == 20
+    assert bases.resolve("random", 4, 6).rank == 6
+    basis = bases.random(2, 3)
+    assert bases.resolve(basis, 2, 99) is basis
+
+
+def test_resolve_errors():
+    with pytest.raises(ValueError, match="unknown basis name 'strasen'"):
+        bases.resolve("strasen", 4, 24)
+    with pytest.raises(ValueError, match="has tile 2, config asks for 4"):
+        bases.resolve(bases.strassen(2), 4, 7)
+    with pytest.raises(TypeError, match="STLBasis or a name"):
+        bases.resolve(3, 4, 24)
+
+
+def test_fitted_missing_rank_raises():
+    with pytest.raises(ValueError, match="no fitted basis ships for tile=7, rank=5"):
+        bases.fitted(7, 5)
+
+
+# --- save / load ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [None, 0.0, 0.4375])
+def test_save_load_round_trip(tmp_path, alpha):
+    ex, ew, d = _mats(5, 3)
+    basis = STLBasis(3, 5, ex, ew, d, name="mine", alpha=alpha)
+    path = tmp_path / "basis.safetensors"
+    basis.save(path)
+    loaded = bases.load(path)
+    assert (loaded.tile, loaded.rank, loaded.name) == (3, 5, "mine")
+    assert loaded.alpha == alpha
+    for a, b in zip(loaded.matrices, basis.matrices):
+        assert torch.equal(a, b) and a.dtype == torch.float64
+    bases.load(str(path))  # str paths work too
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no basis file"):
+        bases.load(tmp_path / "absent.safetensors")
+
+
+def test_load_random_bytes_raises(tmp_path):
+    path = tmp_path / "noise.safetensors"
+    path.write_bytes(os.urandom(512))
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        bases.load(path)
+
+
+def test_load_bad_header_raises(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", 12) + b"not json ...")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        bases.load(path)
+
+
+def test_load_safetensors_with_other_tensors_raises(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"weight": torch.randn(4, 4), "bias": torch.randn(4)}, str(path))
+    with pytest.raises(ValueError, match="not an STL basis"):
+        bases.load(path)
+
+
+def test_load_right_tensor_names_without_metadata_raises(tmp_path):
+    path = tmp_path / "nometa.safetensors"
+    save_file(dict(zip(("ex", "ew", "d"), _mats(3, 2))), str(path))
+    with pytest.raises(ValueError, match="not an STL basis"):
+        bases.load(path)
+
+
+def test_load_malformed_metadata_raises(tmp_path):
+    path = tmp_path / "malformed.safetensors"
+    meta = {"format": "stl-basis/1", "tile": "two", "rank": "3", "alpha": json.dumps(None)}
+    save_file(dict(zip(("ex", "ew", "d"), _mats(3, 2))), str(path), metadata=meta)
+    with pytest.raises(ValueError, match="malformed basis metadata"):
+        bases.load(path)
+
+
+def test_load_inconsistent_shapes_raises(tmp_path):
+    path = tmp_path / "inconsistent.safetensors"
+    meta = {"format": "stl-basis/1", "tile": "2", "rank": "4", "alpha": "null"}
+    save_file(dict(zip(("ex", "ew", "d"), _mats(3, 2))), str(path), metadata=meta)
+    with pytest.raises(ValueError, match="has shape"):
+        bases.load(path)
