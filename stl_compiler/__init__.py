@@ -9,19 +9,24 @@ Public API::
 """
 
 from . import bases, runtime
+from .api import stl_compile
 from .bases import STLBasis
 from .config import STLConfig
 from .convert import swap_linears_
 from .functional import dense_flops, stl_flops, stl_matmul, stl_matmul_reference
-from .nn import STLLinear
+from .nn import STLLinear, STLMatmul
+from .report import STLReport
 
 __all__ = [
     "STLBasis",
     "STLConfig",
     "STLLinear",
+    "STLMatmul",
+    "STLReport",
     "bases",
     "dense_flops",
     "runtime",
+    "stl_compile",
     "stl_flops",
     "stl_matmul",
     "stl_matmul_reference",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -64,3 +66,13 @@ def ungroup_rows(y: torch.Tensor, like: torch.Tensor, row_grouping: str) -> torc
     if like.dim() == 2:
         return y.squeeze(0)
     return y.transpose(0, 1).reshape(*like.shape[:-1], y.shape[-1])
+
+
+def padded_rows(shape: tuple[int, ...], tile: int, row_grouping: str) -> int:
+    """Rows an STL linear layer computes for an input of ``shape`` (…, K), padding included."""
+    leading = shape[:-1] or (1,)
+    if row_grouping == "tokens" or len(leading) == 1:
+        *batch, seq = leading
+        return round_up(seq, tile) * math.prod(batch)
+    *batch, seq = leading
+    return round_up(math.prod(batch), tile) * seq

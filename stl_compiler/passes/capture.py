@@ -1,0 +1,57 @@
+"""Capture a model as an FX graph with ``torch.export`` (non-strict), with clear errors."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph; the message says why and what to do."""
+
+
+_HINTS = (
+    ("data-dependent", "the model branches on tensor values (data-dependent control flow); "
+     "rewrite the branch with torch.cond or move it out of forward"),
+    ("GuardOnDataDependentSymNode", "the model branches on tensor values; rewrite with "
+     "torch.cond or compute the condition outside the model"),
+    ("Constraints violated", "a dimension marked dynamic is specialized by the model; pass "
+     "dynamic_shapes that keep it static, or example inputs with sizes >= 2"),
+    ("DynamicCache", "the model returns a KV cache; for transformers models pass "
+     "use_cache=False (in example_kwargs or the model config)"),
+    ("past_key_values", "the model returns a KV cache; for transformers models pass "
+     "use_cache=False"),
+)
+
+
+def auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict:
+    """Mark every dim of every tensor input ``Dim.AUTO``: dynamic where the model allows."""
+    auto = torch.export.Dim.AUTO
+    spec = lambda v: ({i: auto for i in range(v.dim())} if isinstance(v, torch.Tensor)
+                      else None)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return {name: torch.utils._pytree.tree_map(spec, value)
+            for name, value in bound.arguments.items()}
+
+
+def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_shapes: Any
+            ) -> fx.GraphModule:
+    """``torch.export.export(..., strict=False).module()`` with actionable errors."""
+    if dynamic_shapes == "auto":
+        dynamic_shapes = auto_dynamic_shapes(module, args, kwargs)
+    try:
+        program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes,
+                                      strict=False)
+    except Exception as err:  # noqa: BLE001 - re-raised with a hint, cause chained
+        text = f"{type(err).__name__}: {err}"
+        hints = [hint for needle, hint in _HINTS if needle in text]
+        hint = hints[0] if hints else ("simplify the construct named above, or convert the "
+                                       "model's nn.Linear layers eagerly with "
+                                       "stl_compiler.swap_linears_ instead")
+        first = text.strip().splitlines()[0][:500]
+        raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first}\n"
+                           f"How to work around it: {hint}") from err
+    return program.module()

@@ -1,0 +1,148 @@
+"""Rewrite activation × activation products (``matmul``, ``bmm``, ``mm``, batched-matmul
+``einsum``: attention QKᵀ and AV) into :class:`~stl_compiler.nn.STLMatmul` sites, with both
+operands encoded at run time. Other matmul-like ops stay dense and are reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from ..functional import dense_flops, stl_flops
+from ..nn import STLMatmul
+from ..report import SiteRow
+from ._graph import aten, module_path, parameter_of, relative_error, set_submodule, shape_of
+from .context import PassContext
+
+_MATMULS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
+#: Matmul-like ops the pass knows it does not rewrite: reported as dense.
+UNSUPPORTED = (aten.baddbmm.default, aten.addbmm.default, aten.mv.default,
+               aten.addmv.default, aten.dot.default, aten.convolution.default,
+               aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+
+
+def einsum_as_matmul(equation: str) -> bool | None:
+    """For a two-operand batched-matmul einsum, whether the second operand is transposed
+    (``"bhqd,bhkd->bhqk"`` → True, ``"bij,bjk->bik"`` → False); None for anything else."""
+    eq = equation.replace(" ", "").replace("...", "#")
+    if "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    operands = lhs.split(",")
+    if len(operands) != 2 or min(map(len, operands)) < 2:
+        return None
+    a, b = operands
+    batch, i, j = a[:-2], a[-2], a[-1]
+    if b[:-2] != batch or out[:-2] != batch or len(set(a)) != len(a):
+        return None
+    if b[-2] == j and out[-2:] == i + b[-1] and b[-1] not in a:
+        return False
+    if b[-1] == j and out[-2:] == i + b[-2] and b[-2] not in a:
+        return True
+    return None
+
+
+def site_name(node: fx.Node) -> str:
+    path = module_path(node)
+    label = node.meta.get("stl_site_label", node.name)
+    return f"{path}.{label}" if path else label
+
+
+def rewrite_matmul(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in UNSUPPORTED:
+            _report_dense(ctx, node, f"unsupported op: the STL pass does not rewrite "
+                                     f"{node.target.overloadpacket}")
+            continue
+        if node.target is aten.einsum.default:
+            equation, operands = node.args[0], node.args[1]
+            transposed = einsum_as_matmul(equation) if len(operands) == 2 else None
+            if transposed is None:
+                _report_dense(ctx, node, f"unsupported pattern: einsum {equation!r} is not a "
+                                         f"batched matmul")
+                continue
+            a, b = operands
+        elif node.target in _MATMULS:
+            (a, b), transposed = node.args[:2], False
+        else:
+            continue
+        _rewrite_one(gm, ctx, node, a, b, transposed)
+    return gm
+
+
+def _report_dense(ctx: PassContext, node: fx.Node, reason: str) -> None:
+    ctx.report.sites.append(SiteRow(name=site_name(node), kind="matmul",
+                                    op=str(node.target.overloadpacket), x_shape=(), w_shape=(),
+                                    converted=False, reason=reason))
+
+
+def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node, b: fx.Node,
+                 transposed: bool) -> None:
+    config = ctx.config
+    name = site_name(node)
+    a_shape, b_shape = shape_of(a), shape_of(b)
+    if a_shape is not None and b_shape is not None and transposed:
+        b_shape = (*b_shape[:-2], b_shape[-1], b_shape[-2])
+    row = SiteRow(name=name, kind="matmul", op=str(node.target.overloadpacket),
+                  x_shape=a_shape or (), w_shape=b_shape or (), converted=False)
+    ctx.report.sites.append(row)
+    if a_shape is None or b_shape is None or len(a_shape) < 2 or len(b_shape) < 2:
+        row.reason = "unsupported pattern: an operand is 1-D or of unknown shape"
+        return
+    n, k, m = a_shape[-2], a_shape[-1], b_shape[-1]
+    batch = math.prod(torch.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
+    row.dense_flops = batch * dense_flops(n, k, m)
+    row.reason = _skip_reason(gm, ctx, name, node, a, b, n, k, m)
+    if row.reason:
+        return
+    spec = config.site_spec(name)
+    module = STLMatmul(spec.basis, dtype=a.meta["val"].dtype, device=a.meta["val"].device)
+    set_submodule(gm, name, module)
+    with gm.graph.inserting_before(node):
+        if transposed:
+            b = gm.graph.call_function(aten.transpose.int, (b, -2, -1))
+        new = gm.graph.call_module(name, (a, b))
+    new.meta.update(node.meta)
+    row.converted, row.tile, row.rank, row.basis = True, spec.tile, spec.rank, spec.basis.name
+    row.stl_flops = batch * stl_flops(n, k, m, spec.tile, spec.rank, encode_w=True)
+    row.rel_error = _measure(ctx, module, node, transposed)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, node: fx.Node, a: fx.Node,
+                 b: fx.Node, n: int, k: int, m: int) -> str:
+    config = ctx.config
+    if parameter_of(gm, a) is not None or parameter_of(gm, b) is not None:
+        return "unsupported pattern: parameter operand not in the linear (x @ W) position"
+    if "matmul" not in config.targets:
+        return "filtered: 'matmul' not in config.targets"
+    if config.row_grouping == "batch":
+        return ("row_grouping='batch': activation x activation rows are positions of one "
+                "sequence, so STL would mix them (causality); kept dense")
+    spec = config.site_spec(name)
+    if spec is None:
+        return "skipped by an override"
+    if config.filter_fn is not None and not config.filter_fn(name, node):
+        return "filtered by filter_fn"
+    if min(k, m) < config.min_dim:
+        return f"too small: min(k, m)={min(k, m)} < min_dim={config.min_dim}"
+    if not config.pad and (n % spec.tile or k % spec.tile or m % spec.tile):
+        return f"not divisible by tile {spec.tile} and pad=False"
+    return ""
+
+
+@torch.no_grad()
+def _measure(ctx: PassContext, module: STLMatmul, node: fx.Node, transposed: bool
+             ) -> float | None:
+    recorded = ctx.site_io.get(node.name)
+    if recorded is None:
+        return None
+    (a, b), output = recorded[0][:2], recorded[1]
+    if transposed:
+        b = b.transpose(-2, -1)
+    return relative_error([(module(a, b), output)])

@@ -1,0 +1,108 @@
+"""CUDA implementations of the STL custom ops, through the Triton kernels of :mod:`._triton_impl`.
+
+Importing this module registers a CUDA kernel for each op of :mod:`.ops` (``stl::encode``,
+``stl::decode``, ``stl::decode_epilogue``, ``stl::decode_act_encode``,
+``stl::decode_glu_encode``) with ``register_kernel(..., "cuda")``. Op names, schemas, fake
+implementations, autograd formulas and aten decompositions stay those of :mod:`.ops`, so
+eager mode, torch.compile (Inductor calls the op, which dispatches here), torch.export and
+autograd all keep working; only the CUDA computation changes.
+
+Nothing here imports ``triton`` until the first CUDA call: the package imports on machines
+without triton or without a GPU, and CPU tensors keep the aten composites. A CUDA call that
+the kernels do not cover (triton missing, a tile other than 4, rank > 64, another dtype)
+falls back to the aten composite too.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+from torch import Tensor
+
+from . import ops
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The Triton kernel module, or None when triton cannot be imported."""
+    try:
+        from . import _triton_impl
+    except ImportError:
+        return None
+    return _triton_impl
+
+
+def _impl(operand: Tensor, tile: int, *bases: tuple[Tensor, int | None]) -> ModuleType | None:
+    """The kernel module if it handles ``operand`` with these ``(basis, expected rank)`` pairs.
+
+    Anything else (wrong basis shape or device included) goes to the aten composite, which
+    raises the usual errors instead of a kernel reading out of bounds.
+    """
+    impl = kernels()
+    if impl is None or not impl.supports(tile, *(b for b, _ in bases), dtype=operand.dtype):
+        return None
+    for basis, rank in bases:
+        if (basis.dim() != 2 or basis.shape[1] != tile * tile or basis.device != operand.device
+                or (rank is not None and basis.shape[0] != rank)):
+            return None
+    return impl
+
+
+def _bias_ok(bias: Tensor | None, operand: Tensor, tile: int) -> bool:
+    """The kernels add a 1-D bias of at most the padded width (zero past its end)."""
+    return bias is None or (bias.dim() == 1 and bias.shape[0] <= operand.shape[-1] * tile
+                            and bias.device == operand.device)
+
+
+@ops.encode.register_kernel("cuda")
+def _encode_cuda(x: Tensor, basis: Tensor, tile: int) -> Tensor:
+    ops._check_divisible(x, tile, "encode")
+    impl = _impl(x, tile, (basis, None))
+    if impl is None:
+        return ops.encode_aten(x, basis, tile).contiguous()
+    return impl.encode(x, basis, tile)
+
+
+@ops.decode.register_kernel("cuda")
+def _decode_cuda(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
+    impl = _impl(encoded, tile, (basis, encoded.shape[0]))
+    if impl is None:
+        return ops.decode_aten(encoded, basis, tile).contiguous()
+    return impl.decode(encoded, basis, tile)
+
+
+@ops.decode_epilogue.register_kernel("cuda")
+def _decode_epilogue_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
+                          scale: float, tile: int) -> Tensor:
+    ops.check_activation(activation)
+    impl = _impl(encoded, tile, (d, encoded.shape[0]))
+    if impl is None or not _bias_ok(bias, encoded, tile):
+        return ops.decode_epilogue_aten(encoded, d, bias, activation, scale, tile).contiguous()
+    return impl.decode_epilogue(encoded, d, bias, activation, scale, tile)
+
+
+@ops.decode_act_encode.register_kernel("cuda")
+def _decode_act_encode_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tensor,
+                            activation: str, scale: float, tile: int, rows: int, cols: int
+                            ) -> Tensor:
+    ops.check_activation(activation)
+    impl = _impl(encoded, tile, (d, encoded.shape[0]), (ex, None))
+    if impl is None or not _bias_ok(bias, encoded, tile):
+        return ops.decode_act_encode_aten(encoded, d, bias, ex, activation, scale, tile, rows,
+                                          cols).contiguous()
+    return impl.decode_act_encode(encoded, d, bias, ex, activation, scale, tile, rows, cols)
+
+
+@ops.decode_glu_encode.register_kernel("cuda")
+def _decode_glu_encode_cuda(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up: Tensor,
+                            up_d: Tensor, up_bias: Tensor | None, ex: Tensor, activation: str,
+                            scale: float, tile: int, rows: int, cols: int) -> Tensor:
+    ops.check_activation(activation)
+    impl = _impl(gate, tile, (gate_d, gate.shape[0]), (up_d, up.shape[0]), (ex, None))
+    if (impl is None or up.dtype != gate.dtype or up.shape[1:] != gate.shape[1:]
+            or not _bias_ok(gate_bias, gate, tile) or not _bias_ok(up_bias, gate, tile)):
+        return ops.decode_glu_encode_aten(gate, gate_d, gate_bias, up, up_d, up_bias, ex,
+                                          activation, scale, tile, rows, cols).contiguous()
+    return impl.decode_glu_encode(gate, gate_d, gate_bias, up, up_d, up_bias, ex, activation,
+                                  scale, tile, rows, cols)

@@ -1,0 +1,131 @@
+"""swap_linears_: in-place conversion of nn.Linear modules, and its skip reasons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from stl_helpers import rel_err
+from torch import nn
+
+from stl_compiler import STLConfig, STLLinear, swap_linears_
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(18, 20), Block(18, 20)])
+        self.head = nn.Linear(18, 6)   # 6 < 16: too small for the default min_dim
+        self.norm = nn.LayerNorm(18)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(self.norm(x))
+        return self.head(x)
+
+
+NAMES = ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head"]
+
+
+@pytest.mark.parametrize("row_grouping", ["tokens", "batch"])
+@pytest.mark.parametrize("basis", ["strassen", "naive"])
+def test_exact_basis_keeps_outputs(basis, row_grouping):
+    model = TinyModel()
+    x = torch.randn(2, 7, 18)
+    expected = model(x)
+    outcome = swap_linears_(model, STLConfig(tile=4, basis=basis, min_dim=1,
+                                             row_grouping=row_grouping))
+    assert outcome == {name: "converted" for name in NAMES}
+    for name in NAMES:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, STLLinear) and layer.row_grouping == row_grouping
+    assert rel_err(model(x), expected) < 1e-5
+
+
+def test_inexact_basis_changes_outputs_and_second_call_is_a_no_op():
+    model = TinyModel()
+    x = torch.randn(2, 8, 18)
+    expected = model(x)
+    config = STLConfig(basis="random", rank=6, min_dim=1)
+    swap_linears_(model, config)
+    assert rel_err(model(x), expected) > 1e-2
+    assert swap_linears_(model, config) == {}
+
+
+def test_override_ranks_per_site():
+    model = TinyModel()
+    config = STLConfig(basis="random", rank=12, min_dim=1, overrides={"*.fc2": {"rank": 4}})
+    swap_linears_(model, config)
+    assert model.blocks[0].fc1.rank == 12 and model.blocks[1].fc2.rank == 4
+
+
+def test_skip_reasons():
+    model = TinyModel()
+    config = STLConfig(basis="strassen", pad=False,
+                       filter_fn=lambda fqn, module: fqn != "blocks.0.fc1",
+                       overrides={"blocks.1.fc1": "skip"})
+    outcome = swap_linears_(model, config)
+    assert "filter_fn" in outcome["blocks.0.fc1"]
+    assert "override says skip" in outcome["blocks.1.fc1"]
+    assert "min_dim=16" in outcome["head"]
+    # 18 is not a multiple of the tile 4 and pad=False.
+    assert "pad=False" in outcome["blocks.0.fc2"] and "tile 4" in outcome["blocks.0.fc2"]
+    assert all(v.startswith("skipped") for v in outcome.values())
+    assert all(type(model.get_submodule(name)) is nn.Linear for name in NAMES)
+
+
+def test_pad_false_converts_multiples_of_the_tile():
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 18))
+    outcome = swap_linears_(model, STLConfig(basis="strassen", pad=False))
+    assert outcome["0"] == "converted" and "pad=False" in outcome["1"]
+
+
+def test_linear_not_in_targets():
+    model = TinyModel()
+    outcome = swap_linears_(model, STLConfig(basis="strassen", targets=["matmul"]))
+    assert all("'linear' not in config.targets" in v for v in outcome.values())
+
+
+def test_root_linear_is_reported_not_swapped():
+    linear = nn.Linear(16, 16)
+    outcome = swap_linears_(linear, STLConfig(basis="strassen"))
+    assert outcome[""].startswith("skipped") and "from_linear" in outcome[""]
+    assert list(linear.children()) == []
+
+
+def test_keep_reference_and_train_basis():
+    model = TinyModel()
+    weight = model.blocks[0].fc1.weight
+    swap_linears_(model, STLConfig(basis="strassen", min_dim=1), keep_reference=True,
+                  train_basis=False)
+    layer = model.blocks[0].fc1
+    assert layer.reference_weight.data_ptr() == weight.data_ptr()
+    assert torch.equal(layer.reference_weight, weight)
+    assert "blocks.0.fc1.reference_weight" not in model.state_dict()
+    assert not layer.ex.requires_grad and not layer.d.requires_grad
+    assert layer.weight_encoded.requires_grad
+
+
+def test_converted_model_state_dict_round_trip():
+    config = STLConfig(basis="random", rank=6, min_dim=1)
+    model, fresh = TinyModel(), TinyModel()
+    swap_linears_(model, config)
+    swap_linears_(fresh, STLConfig(basis="strassen-pruned", rank=6, min_dim=1))
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(3, 4, 18)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_bad_basis_for_a_site_raises():
+    with pytest.raises(ValueError, match="unknown basis name"):
+        swap_linears_(TinyModel(), STLConfig(basis="random", min_dim=1,
+                                             overrides={"head": {"basis": "bogus"}}))
