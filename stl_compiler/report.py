@@ -79,7 +79,8 @@ class STLReport:
         if not self.converted:
             lines.append("!!! NOTHING WAS CONVERTED: the model runs fully dense. Reasons below; "
                          "see STLConfig (targets, min_dim, filter_fn, overrides). !!!")
-        header = f"{'site':<42} {'kind':<6} {'shape (x @ w)':<26} {'t/r':<6} " \
+        width = max([len(s.name) for s in self.sites] + [4])
+        header = f"{'site':<{width}} {'kind':<6} {'shape (x @ w)':<26} {'t/r':<6} " \
                  f"{'FLOPs':>8} {'rel.err':>8}  status"
         lines += [header, "-" * len(header)]
         for s in self.sites:
@@ -90,7 +91,7 @@ class STLReport:
             status = "STL" if s.converted else f"dense: {s.reason}"
             if s.calls > 1:
                 status += f" (shared by {s.calls} calls)"
-            lines.append(f"{s.name[-42:]:<42} {s.kind:<6} {shape[:26]:<26} {tr:<6} {ratio:>8} "
+            lines.append(f"{s.name:<{width}} {s.kind:<6} {shape[:26]:<26} {tr:<6} {ratio:>8} "
                          f"{err:>8}  {status}")
         dense, after = self.flops()
         lines.append("-" * len(header))

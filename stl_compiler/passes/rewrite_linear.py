@@ -98,6 +98,7 @@ def rewrite_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                        row_grouping=config.row_grouping)
         used = {target} | ({calls[0].bias.target} if bias is not None else set())
         path = name if _owner_is_replaceable(gm, name, used) else f"{target}_stl"
+        set_submodule(gm, path, module)
 
         row.converted, row.tile, row.rank, row.basis = True, spec.tile, spec.rank, spec.basis.name
         row.stl_flops = sum(
@@ -111,7 +112,6 @@ def rewrite_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             call.node.replace_all_uses_with(new)
             gm.graph.erase_node(call.node)
         _drop_dense_parameters(gm, used)
-        set_submodule(gm, path, module)
     return gm
 
 
@@ -163,5 +163,6 @@ def _drop_dense_parameters(gm: fx.GraphModule, targets: set[str]) -> None:
     for target in targets:
         owner_path, _, attr = target.rpartition(".")
         owner = gm.get_submodule(owner_path)
-        if isinstance(getattr(owner, attr, None), nn.Parameter):
+        if not isinstance(owner, STLLinear) and isinstance(getattr(owner, attr, None),
+                                                           nn.Parameter):
             delattr(owner, attr)

@@ -75,7 +75,7 @@ def rewrite_matmul(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 def _report_dense(ctx: PassContext, node: fx.Node, reason: str) -> None:
-    ctx.report.sites.append(SiteRow(name=site_name(node), kind="matmul",
+    ctx.report.sites.append(SiteRow(name=site_name(node), kind="other",
                                     op=str(node.target.overloadpacket), x_shape=(), w_shape=(),
                                     converted=False, reason=reason))
 

