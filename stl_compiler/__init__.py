@@ -8,7 +8,7 @@ Public API::
     layer = stl.STLLinear.from_linear(linear, basis)
 """
 
-from . import bases, runtime
+from . import bases, exporters, runtime
 from .api import stl_compile
 from .bases import STLBasis
 from .config import STLConfig
@@ -25,6 +25,7 @@ __all__ = [
     "STLReport",
     "bases",
     "dense_flops",
+    "exporters",
     "runtime",
     "stl_compile",
     "stl_flops",

@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError,
+            ImportError) as err:
         print(f"stl-compiler {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -46,8 +46,12 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
     the staging directory is deleted and the destination is untouched.
     """
     path = writable_parent(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial",
-                                    dir=path.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial",
+                                        dir=path.parent))
+    except OSError as err:
+        raise PermissionError(f"cannot write in the output directory {path.parent}: "
+                              f"{err.strerror or err}") from err
     try:
         yield staging / path.name
         for entry in sorted(staging.iterdir(), key=lambda p: p.name == path.name):

@@ -31,6 +31,10 @@ class LinearCall:
     bias: fx.Node | None
     transposed: bool  # weight stored (out, in) as in nn.Linear; else (in, out)
 
+    def current_x(self) -> fx.Node:
+        """The activation argument as the graph holds it now (earlier rewrites replace it)."""
+        return self.node.args[1 if self.node.target is aten.addmm.default else 0]
+
 
 def _match(gm: fx.GraphModule, node: fx.Node) -> LinearCall | None:
     if node.op != "call_function":
@@ -107,7 +111,7 @@ def rewrite_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         row.rel_error = _measure(ctx, module, calls)
         for call in calls:
             with gm.graph.inserting_before(call.node):
-                new = gm.graph.call_module(path, (call.x,))
+                new = gm.graph.call_module(path, (call.current_x(),))
             new.meta.update(call.node.meta)
             call.node.replace_all_uses_with(new)
             gm.graph.erase_node(call.node)

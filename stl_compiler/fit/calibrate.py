@@ -1,0 +1,274 @@
+"""Data-aware calibration of converted layers (paper Lemma A.1: a linear regression).
+
+Each :class:`~stl_compiler.STLLinear` is fitted, in forward order, to the dense output of the
+layer it replaced, on its own calibration inputs: the encoded weight in closed form given
+``ex`` and ``d`` (least squares), then alternating refinement of ``d`` (least squares) and
+``ex`` (a few gradient steps), keeping the best iterate so a layer never gets worse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import STLLinear
+from ..runtime.ops import encode
+from ..tiling import group_rows, pad_last2, round_up, to_tiles
+from ._progress import Progress
+
+__all__ = ["calibrate", "CalibrationTable", "run_batch"]
+
+
+def run_batch(module: nn.Module, batch: object) -> object:
+    """Call ``module`` on one batch: a tensor, a tuple/list of args, or a dict of kwargs."""
+    if isinstance(batch, dict):
+        return module(**batch)
+    if isinstance(batch, (tuple, list)):
+        return module(*batch)
+    return module(batch)
+
+
+@dataclass
+class CalibrationTable:
+    """Per-layer relative output error ``‖y − y_dense‖ / ‖y_dense‖`` before and after."""
+
+    rows: list[dict]
+
+    def to_json(self) -> str:
+        return json.dumps(self.rows, indent=1)
+
+    def __str__(self) -> str:
+        width = max([len("layer")] + [len(r["layer"]) for r in self.rows])
+        lines = [f"{'layer':<{width}}  rank  error before  error after"]
+        lines += [f"{r['layer']:<{width}}  {r['rank']:>4}  {r['error_before']:>12.4f}  "
+                  f"{r['error_after']:>11.4f}" for r in self.rows]
+        return "\n".join(lines)
+
+
+def _reference(name: str, layer: STLLinear, teacher: nn.Module | None
+               ) -> tuple[Tensor, Tensor | None]:
+    """Dense ``(weight (out, in), bias)`` the layer must reproduce."""
+    if teacher is not None:
+        try:
+            dense = teacher.get_submodule(name)
+        except AttributeError:
+            dense = None
+        if not isinstance(dense, nn.Linear):
+            raise ValueError(f"teacher has no nn.Linear named {name!r} (found "
+                             f"{type(dense).__name__}); the teacher must be the dense model "
+                             f"the student was converted from")
+        return dense.weight.detach(), None if dense.bias is None else dense.bias.detach()
+    ref = getattr(layer, "reference_weight", None)
+    if ref is None:
+        raise ValueError(f"STL layer {name!r} has no dense reference: convert with "
+                         f"keep_reference=True (STLLinear.from_linear / swap_linears_) or pass "
+                         f"teacher=<the dense model>")
+    return ref, None if layer.bias is None else layer.bias.detach()
+
+
+class _LayerData:
+    """Calibration inputs of one layer, arranged in row tiles exactly as its forward does."""
+
+    def __init__(self, layer: STLLinear, inputs: list[Tensor], weight: Tensor,
+                 bias: Tensor | None) -> None:
+        t = layer.tile
+        kp, mp = layer._padded_km()
+        self.inputs = inputs
+        self.targets = [torch.nn.functional.linear(x.double(), weight.double(),
+                                                   None if bias is None else bias.double())
+                        for x in inputs]
+        xt, yt, valid = [], [], []
+        own_bias = 0.0 if layer.bias is None else layer.bias.detach().double()
+        for x, y in zip(inputs, self.targets):
+            rows, target = (group_rows(v if v.dim() > 1 else v[None], layer.row_grouping)
+                            for v in (x.double(), y - own_bias))
+            n = rows.shape[-2]
+            npad = round_up(n, t)
+            xt.append(pad_last2(rows, npad, kp).reshape(-1, npad, kp))
+            yt.append(to_tiles(pad_last2(target, npad, mp), t).reshape(-1, mp // t, t * t))
+            counts = (n - torch.arange(0, npad, t)).clamp(max=t)
+            valid.append(counts.repeat(xt[-1].shape[0]))
+        self.x_rows = xt                                  # (B, npad, kp) per input
+        self.y_tiles = torch.cat(yt)                      # (N, Mt, t²): dense output − own bias
+        self.valid = torch.cat(valid)                     # (N,) real rows per row tile
+        # mask[i, c]: entry c = a*t + b of row tile i is a real row (a < valid[i])
+        self.mask = (torch.arange(t * t) // t)[None, :] < self.valid[:, None]
+
+    def encoded(self, ex: Tensor, tile: int) -> Tensor:
+        """``(r, N, Kt)``: the layer's own stl::encode of every row tile."""
+        return torch.cat([encode(x, ex, tile).reshape(ex.shape[0], -1, x.shape[-1] // tile)
+                          for x in self.x_rows], dim=1)
+
+
+def _rel_error(layer: STLLinear, data: _LayerData) -> float:
+    with torch.no_grad():
+        num = sum(float((layer(x).double() - y).square().sum())
+                  for x, y in zip(data.inputs, data.targets))
+        den = sum(float(y.square().sum()) for y in data.targets)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+def _ridge_solve(gram: Tensor, rhs: Tensor, ridge: float = 1e-8) -> Tensor:
+    scale = float(gram.diagonal().mean().clamp_min(1e-300))
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + ridge * scale * eye, rhs)
+
+
+def _solve_weight(xh: Tensor, d: Tensor, data: _LayerData) -> Tensor:
+    """Least-squares encoded weight ``(r, Kt, Mt)`` given encoded inputs and decoder."""
+    r, _, kt = xh.shape
+    gram = torch.zeros(r * kt, r * kt, dtype=torch.float64)
+    for v in data.valid.unique().tolist():
+        sel = data.valid == v
+        h = xh[:, sel].permute(1, 0, 2).reshape(-1, r * kt)          # (Nv, r·Kt)
+        dd = (d * data.mask[sel][0]) @ d.T                            # D diag(mask) Dᵀ
+        gram += (h.T @ h) * dd.repeat_interleave(kt, 0).repeat_interleave(kt, 1)
+    e = torch.einsum("pc,njc->pnj", d, data.y_tiles * data.mask[:, None, :])
+    rhs = torch.einsum("pnl,pnj->plj", xh, e).reshape(r * kt, -1)
+    return _ridge_solve(gram, rhs).reshape(r, kt, -1)
+
+
+def _solve_decoder(xh: Tensor, wh: Tensor, data: _LayerData, tile: int) -> Tensor:
+    """Least-squares decoder ``(r, t²)`` given encoded inputs and weight."""
+    z = torch.bmm(xh, wh)                                             # (r, N, Mt)
+    out = torch.empty(z.shape[0], tile * tile, dtype=torch.float64)
+    grams = {v: torch.einsum("pnj,qnj->pq", z[:, data.valid == v], z[:, data.valid == v])
+             for v in data.valid.unique().tolist()}
+    for c in range(tile * tile):
+        gram = sum(g for v, g in grams.items() if c // tile < v)
+        rhs = torch.einsum("pnj,nj->p", z, data.y_tiles[:, :, c] * data.mask[:, None, c])
+        out[:, c] = _ridge_solve(gram, rhs[:, None])[:, 0]
+    return out
+
+
+def _refine_encoder(layer: STLLinear, data: _LayerData, iters: int, lr: float) -> None:
+    """A few Adam steps on ``ex`` alone (weight and decoder fixed) on the output MSE."""
+    ex = layer.ex.detach().clone().requires_grad_(True)
+    params = {n: p.detach() for n, p in layer.named_parameters()} | {"ex": ex}
+    opt = torch.optim.Adam([ex], lr=lr)
+    for _ in range(iters):
+        loss = sum((torch.func.functional_call(layer, params, (x,)).double() - y).square().sum()
+                   for x, y in zip(data.inputs, data.targets))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        layer.ex.copy_(ex)
+
+
+def _calibrate_layer(name: str, layer: STLLinear, data: _LayerData, steps: int,
+                     bar: Progress) -> tuple[float, float]:
+    before = _rel_error(layer, data)
+    t = layer.tile
+    best = (before, [p.detach().clone() for p in (layer.weight_encoded, layer.ex, layer.d)])
+    scale = max(float(layer.ex.detach().abs().mean()), 1e-6)
+    for _ in range(max(steps, 1)):
+        with torch.no_grad():
+            ex, d = layer.ex.detach().double(), layer.d.detach().double()
+            xh = data.encoded(ex, t)
+            wh = _solve_weight(xh, d, data)
+            layer.weight_encoded.copy_(wh)
+            err = _rel_error(layer, data)
+            if err < best[0]:
+                best = (err, [p.detach().clone() for p in (layer.weight_encoded, layer.ex,
+                                                           layer.d)])
+            if steps > 0:
+                layer.d.copy_(_solve_decoder(xh, wh, data, t))
+        bar.update(1, layer=name, error=min(err, best[0]))
+        if steps > 0:
+            _refine_encoder(layer, data, iters=20, lr=0.01 * scale)
+    with torch.no_grad():
+        err = _rel_error(layer, data)
+        if err >= best[0]:
+            for p, v in zip((layer.weight_encoded, layer.ex, layer.d), best[1]):
+                p.copy_(v)
+            err = best[0]
+    return before, err
+
+
+def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
+              teacher: nn.Module | None = None, progress: bool = True) -> CalibrationTable:
+    """Fit every STL layer of ``module`` to the dense layer it replaced, on real inputs.
+
+    Layers are calibrated one at a time in forward order, each on the inputs it receives
+    from the already-calibrated layers before it. For each layer: the encoded weight is the
+    closed-form least-squares solution given ``ex`` and ``d`` (Lemma A.1); then ``steps``
+    rounds refine ``d`` (least squares), ``ex`` (Adam steps) and re-solve the weight. The
+    best iterate is kept, so a layer's error on its calibration data never increases.
+
+    Args:
+        module: a converted model holding :class:`~stl_compiler.STLLinear` layers (changed in
+            place; its ``training`` flag is left as it was).
+        batches: calibration inputs, each a tensor, a tuple of args or a dict of kwargs for
+            ``module``; iterated once per layer (a list is converted once), and the inputs of
+            a layer are held in memory while it is fitted.
+        steps: refinement rounds per layer (0: only the closed-form encoded weight).
+        teacher: the dense model; the target of layer ``name`` is ``teacher.<name>``, an
+            ``nn.Linear``. Without it each layer needs its ``reference_weight`` buffer
+            (``from_linear(..., keep_reference=True)``).
+        progress: show a progress bar per layer on stderr.
+
+    Returns:
+        A :class:`CalibrationTable` of relative output errors before/after, per layer.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, STLLinear)]
+    if not layers:
+        raise ValueError("module has no STLLinear layer to calibrate; convert it first "
+                         "(stl_compiler.swap_linears_)")
+    refs = {name: _reference(name, layer, teacher) for name, layer in layers}
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: calibration needs at least one input batch")
+    rows = []
+    was_training = module.training
+    module.eval()
+    try:
+        for name, layer in _forward_order(module, layers, batches):
+            inputs = _capture(module, layer, batches)
+            data = _LayerData(layer, inputs, *refs[name])
+            bar = Progress(max(steps, 1), f"calibrate {name}", progress)
+            before, after = _calibrate_layer(name, layer, data, steps, bar)
+            bar.close()
+            rows.append({"layer": name, "rank": layer.rank, "error_before": before,
+                         "error_after": after})
+    finally:
+        module.train(was_training)
+    return CalibrationTable(rows)
+
+
+def _capture(module: nn.Module, layer: STLLinear, batches: list) -> list[Tensor]:
+    inputs: list[Tensor] = []
+    hook = layer.register_forward_hook(lambda _m, args, _o: inputs.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_batch(module, batch)
+    finally:
+        hook.remove()
+    return inputs
+
+
+def _forward_order(module: nn.Module, layers: list[tuple[str, STLLinear]], batches: list
+                   ) -> list[tuple[str, STLLinear]]:
+    """Layers in the order the first batch calls them (unused layers last, in module order)."""
+    order: list[str] = []
+    names = {id(m): n for n, m in layers}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, _a: order.append(names[id(mod)]) if names[id(mod)] not in order else None)
+        for _, m in layers]
+    try:
+        with torch.no_grad():
+            run_batch(module, batches[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(layers, key=lambda nm: rank.get(nm[0], len(order)))

@@ -1,0 +1,353 @@
+"""ONNX export of STL models (swap_linears_, stl_compile, hand-fused sites) and ORT parity."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import onnx
+import pytest
+import torch
+from stl_helpers import rel_err
+from torch import nn
+from torch.nn import functional as F
+
+import stl_compiler as stl
+from stl_compiler.exporters import export_onnx, onnx_op_types
+from stl_compiler.runtime import ort_session
+from stl_compiler.runtime.ops import decode, decode_act_encode, decode_epilogue, \
+    decode_glu_encode, encode
+from stl_compiler.tiling import pad_last2, round_up
+
+TOL = 1e-4  # float32 relative error, ORT vs the torch STL module
+EXACT = stl.STLConfig(basis="strassen", tile=4, min_dim=1)
+RANK24 = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1)
+
+
+def mlp(d_in: int = 32, hidden: int = 64, d_out: int = 24) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out)).eval()
+
+
+class TinyViT(nn.Module):
+    """A ViT-like encoder: patch embedding, one pre-norm attention + MLP block, mean-pool head."""
+
+    def __init__(self, patch_dim: int = 48, dim: int = 32, heads: int = 2, classes: int = 10):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(patch_dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = self.embed(patches)
+        b, s, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q, self.k,
+                                                                             self.v))
+        attn = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, s, d))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(x.mean(dim=1))
+
+
+def _ort_vs_torch(path, module, *inputs) -> float:
+    (got,) = ort_session(path).run(*inputs)
+    with torch.no_grad():
+        want = module(*inputs)
+    return rel_err(got, want)
+
+
+def _converted(model: nn.Module, config: stl.STLConfig) -> nn.Module:
+    torch.manual_seed(0)
+    stl.swap_linears_(model, config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", [EXACT, RANK24], ids=["strassen", "rank24"])
+def test_mlp_swap_linears_parity(tmp_path, config):
+    torch.manual_seed(0)
+    dense = mlp()
+    model = _converted(mlp(), config)
+    model.load_state_dict(model.state_dict())
+    path = export_onnx(model, torch.randn(2, 6, 32), tmp_path / "mlp.onnx")
+    for shape in [(3, 7, 32), (5, 13, 32), (1, 4, 32)]:
+        assert _ort_vs_torch(path, model, torch.randn(shape)) < TOL
+    if config is EXACT:  # exact basis: the STL model is the dense one
+        dense.load_state_dict({k: v for k, v in mlp().state_dict().items()})
+    ops = onnx_op_types(path)
+    assert all("::" not in op for op in ops), ops  # standard domain only
+    assert "MatMul" in ops
+
+
+def test_tinyvit_stl_compile_eager_parity(tmp_path):
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    example = torch.randn(2, 8, 48)
+    config = stl.STLConfig(basis="strassen", tile=4, min_dim=1, decompose_sdpa=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = stl.stl_compile(model, (example,), config, backend="eager")
+    assert compiled.stl_report.converted
+    path = export_onnx(compiled, example, tmp_path / "vit.onnx")
+    for shape in [(3, 11, 48), (4, 5, 48)]:
+        x = torch.randn(shape)
+        assert _ort_vs_torch(path, compiled, x) < TOL
+        assert _ort_vs_torch(path, model, x) < TOL  # exact basis: equal to the dense model
+
+
+@pytest.mark.parametrize("config", [EXACT, RANK24], ids=["strassen", "rank24"])
+def test_tinyvit_swap_linears_parity(tmp_path, config):
+    model = _converted(TinyViT(), config)
+    path = export_onnx(model, torch.randn(2, 8, 48), tmp_path / "vit.onnx")
+    assert _ort_vs_torch(path, model, torch.randn(3, 13, 48)) < TOL
+
+
+# --- hand-fused sites: the op sequences the fusion pass emits -----------------------------
+
+
+def _site_matmul(encoded: torch.Tensor, layer: stl.STLLinear) -> torch.Tensor:
+    return encoded @ layer.weight_encoded.unsqueeze(1)
+
+
+class FusedGeluMLP(nn.Module):
+    """Linear → GELU → Linear with decode + bias + GELU + next encode in one op."""
+
+    def __init__(self, model: nn.Sequential) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = model[0], model[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, n = self.fc1.tile, x.shape[-2]
+        xe = encode(pad_last2(x, round_up(n, t), round_up(x.shape[-1], t)), self.fc1.ex, t)
+        h = decode_act_encode(_site_matmul(xe, self.fc1), self.fc1.d, self.fc1.bias,
+                              self.fc2.ex, "gelu", 1.0, t, n, self.fc1.out_features)
+        y = decode_epilogue(_site_matmul(h, self.fc2), self.fc2.d, self.fc2.bias, "none",
+                            1.0, t)
+        return y[..., :n, : self.fc2.out_features]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden,
+                                                                           bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class FusedSwiGLU(nn.Module):
+    """SwiGLU with both decodes, the gated product and the next encode in one op."""
+
+    def __init__(self, model: SwiGLU) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = model.gate, model.up, model.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, n = self.gate.tile, x.shape[-2]
+        xe = encode(pad_last2(x, round_up(n, t), x.shape[-1]), self.gate.ex, t)
+        h = decode_glu_encode(_site_matmul(xe, self.gate), self.gate.d, None,
+                              _site_matmul(xe, self.up), self.up.d, None, self.down.ex,
+                              "silu", 1.0, t, n, self.gate.out_features)
+        y = decode_epilogue(_site_matmul(h, self.down), self.down.d, None, "none", 1.0, t)
+        return y[..., :n, : self.down.out_features]
+
+
+@pytest.mark.parametrize("config", [EXACT, RANK24], ids=["strassen", "rank24"])
+@pytest.mark.parametrize("kind", ["gelu_mlp", "swiglu"])
+def test_fused_sites_parity(tmp_path, config, kind):
+    unfused = _converted(mlp() if kind == "gelu_mlp" else SwiGLU(), config)
+    fused = (FusedGeluMLP if kind == "gelu_mlp" else FusedSwiGLU)(unfused).eval()
+    example = torch.randn(2, 6, 32)
+    with torch.no_grad():  # the fused ops compute what the unfused layers do
+        assert rel_err(fused(example), unfused(example)) < TOL
+    path = export_onnx(fused, example, tmp_path / "fused.onnx")
+    for shape in [(3, 7, 32), (2, 12, 32)]:
+        x = torch.randn(shape)
+        assert _ort_vs_torch(path, fused, x) < TOL
+        assert _ort_vs_torch(path, unfused, x) < TOL
+    assert all("::" not in op for op in onnx_op_types(path))
+
+
+class AlgebraicPair(nn.Module):
+    """Linear → Linear with nothing in between, fused as in paper Alg. 2: the decode of the
+    first and the encode of the second are one r×r matrix ``ex₂ d₁ᵀ``, computed here from the
+    parameters (the exporter must fold it into a constant)."""
+
+    def __init__(self, first: stl.STLLinear, second: stl.STLLinear) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # rows and features multiples of t
+        t = self.first.tile
+        product = _site_matmul(encode(x, self.first.ex, t), self.first)
+        reencode = self.second.ex @ self.first.d.t()
+        product = torch.tensordot(reencode, product, dims=1)
+        return decode(_site_matmul(product, self.second), self.second.d, t)
+
+
+def test_algebraic_boundary_has_no_decoded_tensor(tmp_path):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(32, 64, bias=False), nn.Linear(64, 16, bias=False))
+    unfused = _converted(nn.Sequential(*dense), EXACT)
+    fused = AlgebraicPair(unfused[0], unfused[1]).eval()
+    example = torch.randn(2, 8, 32)
+    dynamic = ({0: torch.export.Dim.AUTO},)  # rows stay a multiple of the tile
+    path = export_onnx(fused, example, tmp_path / "pair.onnx", dynamic_shapes=dynamic)
+    unfused_path = export_onnx(unfused, example, tmp_path / "unfused.onnx",
+                               dynamic_shapes=dynamic)
+    x = torch.randn(3, 8, 32)
+    assert _ort_vs_torch(path, fused, x) < TOL
+    assert _ort_vs_torch(path, dense.eval(), x) < TOL
+    # encode x, GEMM, re-encode, GEMM, decode: one MatMul fewer than decode + encode
+    assert onnx_op_types(path)["MatMul"] == 5
+    assert onnx_op_types(unfused_path)["MatMul"] == 6
+    graph = onnx.load(str(path)).graph
+    rank = unfused[0].rank
+    assert [i for i in graph.initializer if list(i.dims) == [rank, rank]], \
+        "the r×r re-encoding matrix was not folded into an initializer"
+    no_decoded = [v for v in graph.value_info if len(v.type.tensor_type.shape.dim) == 3 and
+                  v.type.tensor_type.shape.dim[-1].dim_value == 64]
+    assert not no_decoded, "the 64-wide hidden activation is materialized"
+
+
+class EncodesWeightAtRunTime(nn.Module):
+    """A site whose weight is encoded in forward (``encode(Wᵀ, ew)``): export must store the
+    encoded weight, not the dense one."""
+
+    def __init__(self, basis: stl.STLBasis, d_in: int = 32, d_out: int = 64) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in))
+        ex, ew, d = basis.to(torch.float32)
+        self.register_buffer("ex", ex)
+        self.register_buffer("ew", ew)
+        self.register_buffer("d", d)
+        self.tile = basis.tile
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tile
+        w_encoded = encode(self.weight.t(), self.ew, t)
+        return decode(encode(x, self.ex, t) @ w_encoded.unsqueeze(1), self.d, t)
+
+
+def test_weights_stored_pre_encoded(tmp_path):
+    basis = stl.bases.strassen(4)
+    model = EncodesWeightAtRunTime(basis).eval()
+    example = torch.randn(2, 8, 32)
+    path = export_onnx(model, example, tmp_path / "w.onnx",
+                       dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    shapes = [list(i.dims) for i in onnx.load(str(path)).graph.initializer]
+    assert [basis.rank, 32 // 4, 64 // 4] in shapes
+    assert [64, 32] not in shapes and [32, 64] not in shapes
+    assert _ort_vs_torch(path, model, torch.randn(5, 8, 32)) < TOL
+
+
+# --- options ---------------------------------------------------------------------------
+
+
+def test_graph_io_names_dims_and_checker(tmp_path):
+    model = _converted(mlp(), EXACT)
+    path = export_onnx(model, torch.randn(2, 6, 32), tmp_path / "m.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path)).graph
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert [(v.name, dims(v)) for v in graph.input] == [("input", ["batch", "sequence", 32])]
+    assert [(v.name, dims(v)) for v in graph.output] == [("output", ["batch", "sequence", 24])]
+    assert not [i for i in graph.initializer if list(i.dims) == [24, 64]]  # no dense weight
+
+
+def test_static_shapes(tmp_path):
+    model = _converted(mlp(), EXACT)
+    path = export_onnx(model, torch.randn(2, 6, 32), tmp_path / "m.onnx", dynamic_shapes=None)
+    (value,) = onnx.load(str(path)).graph.input
+    assert [d.dim_value for d in value.type.tensor_type.shape.dim] == [2, 6, 32]
+
+
+def test_size_one_example_dims_warn(tmp_path):
+    model = _converted(mlp(), EXACT)
+    with pytest.warns(UserWarning, match="size 1"):
+        export_onnx(model, torch.randn(1, 6, 32), tmp_path / "m.onnx")
+
+
+def test_fp16_export(tmp_path):
+    model = _converted(mlp(), EXACT)
+    example = torch.randn(2, 6, 32)
+    path = export_onnx(model, example, tmp_path / "half.onnx", dtype=torch.float16)
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {i.data_type for i in graph.initializer if i.data_type in (1, 10)} == \
+        {onnx.TensorProto.FLOAT16}
+    assert next(model.parameters()).dtype == torch.float32  # the caller's module is untouched
+    x = torch.randn(3, 5, 32)
+    (got,) = ort_session(path).run(x.half())
+    assert got.dtype == torch.float16
+    with torch.no_grad():
+        assert rel_err(got.float(), model(x)) < 5e-3
+
+
+def test_external_data(tmp_path):
+    model = _converted(mlp(), EXACT)
+    path = export_onnx(model, torch.randn(2, 6, 32), tmp_path / "ext.onnx", external_data=True)
+    assert sorted(os.listdir(tmp_path)) == ["ext.onnx", "ext.onnx.data"]
+    onnx.checker.check_model(str(path), full_check=True)
+    assert _ort_vs_torch(path, model, torch.randn(3, 7, 32)) < TOL
+
+
+def test_exports_compiled_module_wrapper(tmp_path):
+    model = _converted(mlp(), EXACT)
+    path = export_onnx(torch.compile(model), torch.randn(2, 6, 32), tmp_path / "c.onnx")
+    assert _ort_vs_torch(path, model, torch.randn(3, 7, 32)) < TOL
+
+
+# --- bad input: clear errors, nothing half-written --------------------------------------
+
+
+def test_unwritable_directory(tmp_path):
+    model = _converted(mlp(), EXACT)
+    if os.geteuid() == 0:  # root writes through permission bits: use a read-only fs
+        target = "/proc/stl-compiler-test/m.onnx"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "m.onnx"
+    with pytest.raises(PermissionError, match="output directory"):
+        export_onnx(model, torch.randn(2, 6, 32), target)
+    assert not os.path.exists(target)
+
+
+def test_failed_export_leaves_nothing(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.export refuses it
+                return x
+            return -x
+
+    with pytest.raises(Exception):  # noqa: B017 - torch.export's own error type
+        export_onnx(Broken(), torch.randn(2, 6, 32), tmp_path / "b.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_failure_after_writing_keeps_previous_file(tmp_path, monkeypatch):
+    model = _converted(mlp(), EXACT)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous")
+
+    def failing_check(*args, **kwargs):
+        raise onnx.checker.ValidationError("simulated checker failure")
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing_check)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_onnx(model, torch.randn(2, 6, 32), path)
+    assert path.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_op_types_of_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ONNX model not found"):
+        onnx_op_types(tmp_path / "missing.onnx")

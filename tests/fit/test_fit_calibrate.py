@@ -1,0 +1,91 @@
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import stl_compiler as stl
+from stl_compiler.fit import calibrate
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 40)
+        self.down = nn.Linear(40, 18)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _batches(seed=0, n=3):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(24, 24, generator=gen) * 0.3 + torch.eye(24)
+    return [torch.randn(4, 7, 24, generator=gen) @ mix for _ in range(n)]  # 7 rows: padding
+
+
+@pytest.mark.parametrize("row_grouping", ["tokens", "batch"])
+@pytest.mark.parametrize("steps", [0, 2])
+def test_calibrate_lowers_every_layer_error_and_never_raises_it(row_grouping, steps):
+    torch.manual_seed(0)
+    dense = Mlp()
+    model = copy.deepcopy(dense)
+    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8, row_grouping=row_grouping),
+                      keep_reference=True)
+    table = calibrate(model, _batches(), steps=steps, progress=False)
+    assert [r["layer"] for r in table.rows] == ["up", "down"]
+    for row in table.rows:
+        assert row["error_after"] < row["error_before"]
+    # the table's "after" is the model's real error on that layer's calibration inputs
+    inputs = []
+    hook = model.down.register_forward_hook(lambda m, a, o: inputs.append(a[0]))
+    with torch.no_grad():
+        for b in _batches():
+            model(b)
+    hook.remove()
+    with torch.no_grad():
+        y = torch.cat([model.down(x).flatten() for x in inputs])
+        ref = torch.cat([dense.down(x).flatten() for x in inputs])
+    assert float((y - ref).norm() / ref.norm()) == pytest.approx(table.rows[1]["error_after"],
+                                                                 rel=1e-4)
+    assert "error before" in str(table) and json.loads(table.to_json()) == table.rows
+
+
+def test_calibrate_never_increases_error_of_an_already_calibrated_model():
+    torch.manual_seed(1)
+    model = Mlp()
+    stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=8), keep_reference=True)
+    first = calibrate(model, _batches(), steps=1, progress=False)
+    second = calibrate(model, _batches(), steps=1, progress=False)
+    for a, b in zip(first.rows, second.rows):
+        assert b["error_after"] <= b["error_before"] + 1e-9
+    assert second.rows[0]["error_before"] == pytest.approx(first.rows[0]["error_after"],
+                                                           rel=1e-5)
+
+
+def test_calibrate_recovers_a_scrambled_exact_layer():
+    torch.manual_seed(2)
+    linear = nn.Linear(20, 12)
+    layer = stl.STLLinear.from_linear(linear, stl.bases.strassen(4), keep_reference=True)
+    with torch.no_grad():
+        layer.weight_encoded.normal_()
+    table = calibrate(nn.Sequential(layer), [torch.randn(5, 20)], steps=0, progress=False)
+    assert table.rows[0]["error_after"] < 1e-5
+
+
+def test_calibrate_uses_the_teacher_and_explains_missing_references():
+    torch.manual_seed(3)
+    dense = Mlp()
+    model = copy.deepcopy(dense)
+    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8))
+    with pytest.raises(ValueError, match="keep_reference=True"):
+        calibrate(model, _batches(), progress=False)
+    with pytest.raises(ValueError, match="no nn.Linear named 'up'"):
+        calibrate(model, _batches(), teacher=nn.Sequential(), progress=False)
+    table = calibrate(model, _batches(), teacher=dense, steps=0, progress=False)
+    assert all(r["error_after"] < r["error_before"] for r in table.rows)
+    with pytest.raises(ValueError, match="no STLLinear"):
+        calibrate(dense, _batches(), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, [], teacher=dense, progress=False)
