@@ -7,8 +7,10 @@ nor a plugin to run: ONNX, TensorRT and AOTInductor see MatMul / Reshape / Trans
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,14 +65,26 @@ def export_program(module: Any, example_inputs: Any, *,
     if dynamic_shapes == "auto":
         _warn_size_one_dims(args, kwargs)
         dynamic_shapes = auto_dynamic_shapes(module, args, kwargs)
-    was_training = module.training
-    module.eval()
-    try:
+    with _eval_mode(module):
         program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes,
                                       strict=False)
+    return program.run_decompositions(DECOMPOSITIONS)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the export, restored afterwards. A module made by ``torch.export``
+    (``stl_compile`` output) refuses ``eval()``: its mode was fixed when it was captured."""
+    was_training = module.training
+    try:
+        module.eval()
+    except NotImplementedError:
+        yield
+        return
+    try:
+        yield
     finally:
         module.train(was_training)
-    return program.run_decompositions(DECOMPOSITIONS)
 
 
 def _warn_size_one_dims(args: tuple, kwargs: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ The launchers work on CUDA tensors, and on CPU tensors when the module was impor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -35,13 +37,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # operands are upcast to fp32 first (exact for bf16, and the dot accumulates in fp32 anyway).
 _UPCAST_DOT = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
-#: Block shape per kernel kind and padded rank: (BI tile-rows, BJ tile-cols, num_warps).
-#: BI*BJ tiles are one ``tl.dot`` M dimension; BJ*t*elem_size is the contiguous row segment
-#: each program reads (or writes) of the plain tensor. Tuned on the device (docs/kernel_notes.md).
-CONFIGS: dict[str, dict[int, tuple[int, int, int]]] = {
-    "encode": {16: (8, 32, 4), 32: (8, 32, 4), 64: (4, 32, 4)},
-    "decode": {16: (8, 32, 4), 32: (8, 32, 4), 64: (4, 32, 4)},
-    "fused": {16: (4, 32, 4), 32: (4, 32, 4), 64: (2, 32, 4)},
+#: Block shapes per kernel kind and padded rank. BI*BJ tiles are one ``tl.dot`` M dimension;
+#: BJ*t*elem_size bytes is the contiguous row segment a program reads (or writes) of the plain
+#: tensor. encode / decode: (BI, BJ, num_warps, programs per SM), 0 programs per SM meaning one
+#: program per block; fused: (BI, BJ, num_warps). Chosen by the sweep of
+#: benchmarks/gpu_check.py on an H200 (docs/kernel_notes.md).
+CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
+    "encode": {16: (8, 32, 4, 0), 32: (2, 64, 4, 0), 64: (2, 32, 4, 0)},
+    "decode": {16: (8, 64, 8, 0), 32: (2, 64, 4, 0), 64: (2, 64, 4, 0)},
+    "fused": {16: (2, 64, 4), 32: (2, 64, 4), 64: (2, 32, 4)},
 }
 
 
@@ -102,12 +106,23 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _program_coords(n_bi, n_bj):
-    """(batch, block-row, block-col) of this program; block-cols vary fastest."""
-    pid = tl.program_id(0)
-    bj = pid % n_bj
-    rest = pid // n_bj
+def _block_coords(blk, n_bi, n_bj):
+    """(batch, block-row, block-col) of block number ``blk``; block-cols vary fastest."""
+    bj = blk % n_bj
+    rest = blk // n_bj
     return rest // n_bi, rest % n_bi, bj
+
+
+@triton.jit
+def _load_plain(ptr, blk, n_blocks, n_bi, n_bj, NT, KT, s_b, s_n, s_k,
+                T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """Block ``blk`` ``(BI*t, BJ*t)`` of a plain tensor; fully masked (no traffic) past the end."""
+    b, bi, bj = _block_coords(blk, n_bi, n_bj)
+    rows = bi * (BI * T) + tl.arange(0, BI * T)
+    cols = bj * (BJ * T) + tl.arange(0, BJ * T)
+    mask = (rows < NT * T)[:, None] & (cols < KT * T)[None, :] & (blk < n_blocks)
+    return tl.load(ptr + b * s_b + rows[:, None] * s_n + cols[None, :] * s_k, mask=mask,
+                   other=0.0)
 
 
 @triton.jit
@@ -127,28 +142,33 @@ def _load_basis(ptr, R, T: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def _load_encoded(ptr, b, bi, bj, R, AT, CT, s_p, s_b, s_i, s_j,
+def _load_encoded(ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, s_p, s_b, s_i, s_j,
                   RP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """Encoded block ``(BI*BJ, RP)`` of batch b (rows: tiles row-major; zero past R / edges)."""
+    """Encoded block ``blk`` as ``(BI*BJ, RP)`` (rows: tiles row-major; zero past R / edges;
+    fully masked past the last block)."""
+    b, bi, bj = _block_coords(blk, n_bi, n_bj)
     i = bi * BI + tl.arange(0, BI)
     j = bj * BJ + tl.arange(0, BJ)
     p = tl.arange(0, RP)
     offs = (p[None, None, :] * s_p + b * s_b + i[:, None, None] * s_i
             + j[None, :, None] * s_j)
-    mask = (i < AT)[:, None, None] & (j < CT)[None, :, None] & (p < R)[None, None, :]
+    mask = ((i < AT)[:, None, None] & (j < CT)[None, :, None] & (p < R)[None, None, :]
+            & (blk < n_blocks))
     block = tl.load(ptr + offs, mask=mask, other=0.0)
     return tl.reshape(block, (BI * BJ, RP))
 
 
 @triton.jit
-def _store_encoded(ptr, acc, b, bi, bj, R, AT, CT, s_p, s_b,
+def _store_encoded(ptr, acc, valid, b, bi, bj, R, AT, CT, s_p, s_b,
                    RP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """Store ``acc (BI*BJ, RP)`` into a contiguous-in-(i, j) encoded tensor, ranks < R."""
+    """Store ``acc (BI*BJ, RP)`` into a contiguous-in-(i, j) encoded tensor, ranks < R (nothing
+    unless ``valid``)."""
     i = bi * BI + tl.arange(0, BI)
     j = bj * BJ + tl.arange(0, BJ)
     p = tl.arange(0, RP)
     offs = p[None, None, :] * s_p + b * s_b + i[:, None, None] * CT + j[None, :, None]
-    mask = (i < AT)[:, None, None] & (j < CT)[None, :, None] & (p < R)[None, None, :]
+    mask = ((i < AT)[:, None, None] & (j < CT)[None, :, None] & (p < R)[None, None, :]
+            & valid)
     value = tl.reshape(acc, (BI, BJ, RP)).to(ptr.dtype.element_ty)
     tl.store(ptr + offs, value, mask=mask)
 
@@ -179,39 +199,59 @@ def _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, ROWS, COLS, scale,
 
 
 @triton.jit
-def _encode_kernel(x_ptr, basis_ptr, out_ptr, R, NT, KT, n_bi, n_bj,
+def _encode_kernel(x_ptr, basis_ptr, out_ptr, R, NT, KT, n_bi, n_bj, n_blocks, iters,
                    sx_b, sx_n, sx_k, so_p, so_b,
                    T: tl.constexpr, RP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                    IEEE: tl.constexpr):
-    b, bi, bj = _program_coords(n_bi, n_bj)
-    rows = bi * (BI * T) + tl.arange(0, BI * T)
-    cols = bj * (BJ * T) + tl.arange(0, BJ * T)
-    mask = (rows < NT * T)[:, None] & (cols < KT * T)[None, :]
-    x = tl.load(x_ptr + b * sx_b + rows[:, None] * sx_n + cols[None, :] * sx_k, mask=mask,
-                other=0.0)
-    # (BI*t, BJ*t) → (BI, t, BJ, t) → (BI, BJ, t, t) → one row-major tile vector per row.
-    tiles = tl.reshape(tl.permute(tl.reshape(x, (BI, T, BJ, T)), (0, 2, 1, 3)),
-                       (BI * BJ, T * T))
-    acc = _dot(tiles, _load_basis_t(basis_ptr, R, T, RP).to(x.dtype), IEEE)
-    _store_encoded(out_ptr, acc, b, bi, bj, R, NT, KT, so_p, so_b, RP, BI, BJ)
+    basis_t = _load_basis_t(basis_ptr, R, T, RP).to(x_ptr.dtype.element_ty)
+    blk = tl.program_id(0)
+    step = tl.num_programs(0)
+    x = _load_plain(x_ptr, blk, n_blocks, n_bi, n_bj, NT, KT, sx_b, sx_n, sx_k, T, BI, BJ)
+    # Every program runs ``iters`` rounds; blocks past the last are masked off entirely.
+    for _ in range(iters):
+        # The next block's load is issued before this block's math and stores: two blocks of
+        # reads in flight per program (the kernel is bound by memory latency × bytes in flight).
+        x_next = _load_plain(x_ptr, blk + step, n_blocks, n_bi, n_bj, NT, KT, sx_b, sx_n, sx_k,
+                             T, BI, BJ)
+        # (BI*t, BJ*t) → (BI, t, BJ, t) → (BI, BJ, t, t) → one row-major tile vector per row.
+        tiles = tl.reshape(tl.permute(tl.reshape(x, (BI, T, BJ, T)), (0, 2, 1, 3)),
+                           (BI * BJ, T * T))
+        acc = _dot(tiles, basis_t, IEEE)
+        b, bi, bj = _block_coords(blk, n_bi, n_bj)
+        _store_encoded(out_ptr, acc, blk < n_blocks, b, bi, bj, R, NT, KT, so_p, so_b, RP, BI,
+                       BJ)
+        x = x_next
+        blk += step
 
 
 @triton.jit
-def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, n_bi, n_bj, NBIAS, scale,
-                   se_p, se_b, se_i, se_j, so_b,
+def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, n_bi, n_bj, n_blocks, iters,
+                   NBIAS, scale, se_p, se_b, se_i, se_j, so_b,
                    T: tl.constexpr, RP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
-    b, bi, bj = _program_coords(n_bi, n_bj)
-    enc = _load_encoded(enc_ptr, b, bi, bj, R, AT, CT, se_p, se_b, se_i, se_j, RP, BI, BJ)
-    y = _dot(enc, _load_basis(d_ptr, R, T, RP).to(enc.dtype), IEEE)
-    y = _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, 0, 0, scale, T, BI, BJ, ACT, HAS_BIAS, False)
-    # Tile vectors → (BI, BJ, t, t) → (BI, t, BJ, t) → the (BI*t, BJ*t) block, stored by rows.
-    y = tl.reshape(tl.permute(tl.reshape(y, (BI, BJ, T, T)), (0, 2, 1, 3)), (BI * T, BJ * T))
-    rows = bi * (BI * T) + tl.arange(0, BI * T)
-    cols = bj * (BJ * T) + tl.arange(0, BJ * T)
-    mask = (rows < AT * T)[:, None] & (cols < CT * T)[None, :]
-    tl.store(out_ptr + b * so_b + rows[:, None] * (CT * T) + cols[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=mask)
+    d = _load_basis(d_ptr, R, T, RP).to(enc_ptr.dtype.element_ty)
+    blk = tl.program_id(0)
+    step = tl.num_programs(0)
+    enc = _load_encoded(enc_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j,
+                        RP, BI, BJ)
+    for _ in range(iters):
+        # Prefetch the next block, as in _encode_kernel.
+        enc_next = _load_encoded(enc_ptr, blk + step, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
+                                 se_b, se_i, se_j, RP, BI, BJ)
+        b, bi, bj = _block_coords(blk, n_bi, n_bj)
+        y = _dot(enc, d, IEEE)
+        y = _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, 0, 0, scale, T, BI, BJ, ACT, HAS_BIAS,
+                           False)
+        # Tile vectors → (BI, BJ, t, t) → (BI, t, BJ, t) → the (BI*t, BJ*t) block, by rows.
+        y = tl.reshape(tl.permute(tl.reshape(y, (BI, BJ, T, T)), (0, 2, 1, 3)),
+                       (BI * T, BJ * T))
+        rows = bi * (BI * T) + tl.arange(0, BI * T)
+        cols = bj * (BJ * T) + tl.arange(0, BJ * T)
+        mask = (rows < AT * T)[:, None] & (cols < CT * T)[None, :] & (blk < n_blocks)
+        tl.store(out_ptr + b * so_b + rows[:, None] * (CT * T) + cols[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
+        enc = enc_next
+        blk += step
 
 
 @triton.jit
@@ -221,15 +261,17 @@ def _decode_act_encode_kernel(enc_ptr, d_ptr, bias_ptr, ex_ptr, out_ptr, R, R2, 
                               T: tl.constexpr, RP: tl.constexpr, RP2: tl.constexpr,
                               BI: tl.constexpr, BJ: tl.constexpr, ACT: tl.constexpr,
                               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
-    b, bi, bj = _program_coords(n_bi, n_bj)
-    enc = _load_encoded(enc_ptr, b, bi, bj, R, AT, CT, se_p, se_b, se_i, se_j, RP, BI, BJ)
+    blk = tl.program_id(0)
+    b, bi, bj = _block_coords(blk, n_bi, n_bj)
+    enc = _load_encoded(enc_ptr, blk, blk + 1, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j,
+                        RP, BI, BJ)
     dtype = enc.dtype
     y = _dot(enc, _load_basis(d_ptr, R, T, RP).to(dtype), IEEE)
     y = _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, ROWS, COLS, scale, T, BI, BJ, ACT,
                        HAS_BIAS, True)
     # Rounded to the activation dtype before the next encode, as the unfused ops would be.
     acc = _dot(y.to(dtype), _load_basis_t(ex_ptr, R2, T, RP2).to(dtype), IEEE)
-    _store_encoded(out_ptr, acc, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
+    _store_encoded(out_ptr, acc, True, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
 
 
 @triton.jit
@@ -241,19 +283,22 @@ def _decode_glu_encode_kernel(gate_ptr, gate_d_ptr, gate_bias_ptr, up_ptr, up_d_
                               RP2: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                               ACT: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
                               HAS_UP_BIAS: tl.constexpr, IEEE: tl.constexpr):
-    b, bi, bj = _program_coords(n_bi, n_bj)
-    gate = _load_encoded(gate_ptr, b, bi, bj, R, AT, CT, sg_p, sg_b, sg_i, sg_j, RP, BI, BJ)
+    blk = tl.program_id(0)
+    b, bi, bj = _block_coords(blk, n_bi, n_bj)
+    gate = _load_encoded(gate_ptr, blk, blk + 1, n_bi, n_bj, R, AT, CT, sg_p, sg_b, sg_i, sg_j,
+                         RP, BI, BJ)
     dtype = gate.dtype
     g = _dot(gate, _load_basis(gate_d_ptr, R, T, RP).to(dtype), IEEE)
     g = _tile_epilogue(g, gate_bias_ptr, bi, bj, NBIAS_G, ROWS, COLS, 1.0, T, BI, BJ, ACT,
                        HAS_GATE_BIAS, False)
-    up = _load_encoded(up_ptr, b, bi, bj, RU, AT, CT, su_p, su_b, su_i, su_j, RPU, BI, BJ)
+    up = _load_encoded(up_ptr, blk, blk + 1, n_bi, n_bj, RU, AT, CT, su_p, su_b, su_i, su_j,
+                       RPU, BI, BJ)
     u = _dot(up, _load_basis(up_d_ptr, RU, T, RPU).to(dtype), IEEE)
     # scale, and the padding mask, applied once to the product.
     u = _tile_epilogue(u, up_bias_ptr, bi, bj, NBIAS_U, ROWS, COLS, scale, T, BI, BJ, 0,
                        HAS_UP_BIAS, True)
     acc = _dot((g * u).to(dtype), _load_basis_t(ex_ptr, R2, T, RP2).to(dtype), IEEE)
-    _store_encoded(out_ptr, acc, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
+    _store_encoded(out_ptr, acc, True, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,9 +325,26 @@ def _basis(basis: Tensor) -> Tensor:
     return basis.contiguous()
 
 
-def _grid(batch: int, rows: int, cols: int, bi: int, bj: int) -> tuple[tuple[int], int, int]:
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter runs programs one after another: any count works, and a small one makes
+    # every program loop over several blocks, as on a GPU.
+    return 2
+
+
+def _blocks(batch: int, rows: int, cols: int, bi: int, bj: int) -> tuple[int, int, int]:
+    """(blocks, block-rows, block-cols) covering ``batch`` tensors of ``rows × cols`` tiles."""
     n_bi, n_bj = triton.cdiv(rows, bi), triton.cdiv(cols, bj)
-    return (batch * n_bi * n_bj,), n_bi, n_bj
+    return batch * n_bi * n_bj, n_bi, n_bj
+
+
+def _programs(n_blocks: int, per_sm: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rounds) of a looping kernel: one program per block, or ``per_sm`` programs
+    per multiprocessor, each taking every ``programs``-th block."""
+    programs = n_blocks if per_sm == 0 else min(n_blocks, per_sm * _sm_count(device))
+    return programs, triton.cdiv(n_blocks, programs)
 
 
 def encode(x: Tensor, basis: Tensor, tile: int) -> Tensor:
@@ -294,12 +356,13 @@ def encode(x: Tensor, basis: Tensor, tile: int) -> Tensor:
         return out
     x3 = _flat_plain(x)
     rp = padded_rank(rank)
-    bi, bj, warps = CONFIGS["encode"][rp]
-    grid, n_bi, n_bj = _grid(x3.shape[0], nt, kt, bi, bj)
-    _encode_kernel[grid](x3, _basis(basis), out, rank, nt, kt, n_bi, n_bj,
-                         *x3.stride(), out.stride(0), nt * kt,
-                         T=tile, RP=rp, BI=bi, BJ=bj, IEEE=x.dtype == torch.float32,
-                         num_warps=warps)
+    bi, bj, warps, per_sm = CONFIGS["encode"][rp]
+    n_blocks, n_bi, n_bj = _blocks(x3.shape[0], nt, kt, bi, bj)
+    programs, iters = _programs(n_blocks, per_sm, x.device)
+    _encode_kernel[(programs,)](
+        x3, _basis(basis), out, rank, nt, kt, n_bi, n_bj, n_blocks, iters,
+        *x3.stride(), out.stride(0), nt * kt,
+        T=tile, RP=rp, BI=bi, BJ=bj, IEEE=x.dtype == torch.float32, num_warps=warps)
     return out
 
 
@@ -315,15 +378,16 @@ def decode_epilogue(encoded: Tensor, d: Tensor, bias: Tensor | None, activation:
         return out
     e4 = _flat_encoded(encoded)
     rp = padded_rank(rank)
-    bi, bj, warps = CONFIGS["decode"][rp]
-    grid, n_bi, n_bj = _grid(e4.shape[1], at, ct, bi, bj)
+    bi, bj, warps, per_sm = CONFIGS["decode"][rp]
+    n_blocks, n_bi, n_bj = _blocks(e4.shape[1], at, ct, bi, bj)
+    programs, iters = _programs(n_blocks, per_sm, encoded.device)
     bias_arg = bias.contiguous() if bias is not None else out
-    _decode_kernel[grid](e4, _basis(d), bias_arg, out, rank, at, ct, n_bi, n_bj,
-                         bias.shape[-1] if bias is not None else 0, float(scale),
-                         *e4.stride(), at * ct * tile * tile,
-                         T=tile, RP=rp, BI=bi, BJ=bj, ACT=ACTIVATION_CODES[activation],
-                         HAS_BIAS=bias is not None, IEEE=encoded.dtype == torch.float32,
-                         num_warps=warps)
+    _decode_kernel[(programs,)](
+        e4, _basis(d), bias_arg, out, rank, at, ct, n_bi, n_bj, n_blocks, iters,
+        bias.shape[-1] if bias is not None else 0, float(scale),
+        *e4.stride(), at * ct * tile * tile,
+        T=tile, RP=rp, BI=bi, BJ=bj, ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None,
+        IEEE=encoded.dtype == torch.float32, num_warps=warps)
     return out
 
 
@@ -350,9 +414,9 @@ def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tenso
         return out
     e4 = _flat_encoded(encoded)
     bi, bj, warps = _fused_config(rank, rank2)
-    grid, n_bi, n_bj = _grid(e4.shape[1], at, ct, bi, bj)
+    n_blocks, n_bi, n_bj = _blocks(e4.shape[1], at, ct, bi, bj)
     bias_arg = bias.contiguous() if bias is not None else out
-    _decode_act_encode_kernel[grid](
+    _decode_act_encode_kernel[(n_blocks,)](
         e4, _basis(d), bias_arg, _basis(ex), out, rank, rank2, at, ct, n_bi, n_bj,
         bias.shape[-1] if bias is not None else 0, rows, cols, float(scale),
         *e4.stride(), out.stride(0), at * ct,
@@ -373,8 +437,8 @@ def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up
         return out
     g4, u4 = _flat_encoded(gate), _flat_encoded(up)
     bi, bj, warps = _fused_config(rank, rank_up, rank2)
-    grid, n_bi, n_bj = _grid(g4.shape[1], at, ct, bi, bj)
-    _decode_glu_encode_kernel[grid](
+    n_blocks, n_bi, n_bj = _blocks(g4.shape[1], at, ct, bi, bj)
+    _decode_glu_encode_kernel[(n_blocks,)](
         g4, _basis(gate_d), gate_bias.contiguous() if gate_bias is not None else out,
         u4, _basis(up_d), up_bias.contiguous() if up_bias is not None else out,
         _basis(ex), out, rank, rank_up, rank2, at, ct, n_bi, n_bj,

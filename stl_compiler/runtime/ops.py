@@ -238,3 +238,14 @@ DECOMPOSITIONS.update({
     torch.ops.stl.decode_act_encode.default: decode_act_encode_aten,
     torch.ops.stl.decode_glu_encode.default: decode_glu_encode_aten,
 })
+
+
+def reencode(encoded: Tensor, d: Tensor, ex: Tensor, scale: float = 1.0) -> Tensor:
+    """``encode(scale * decode(encoded, d), ex)`` without decoding (paper Alg. 2).
+
+    Decode then encode of the same tile is the ``(r, r_next)`` matrix ``d @ ex.T``; valid
+    only when no padded row/col must be re-zeroed in between. Plain aten ops: export and
+    Inductor see a small matmul, which constant-folds for fixed bases.
+    """
+    matrix = (d @ ex.t()).to(encoded.dtype) * scale
+    return torch.tensordot(matrix, encoded, dims=([0], [0]))

@@ -33,14 +33,17 @@ def kernels() -> ModuleType | None:
     return _triton_impl
 
 
-def _impl(operand: Tensor, tile: int, *bases: tuple[Tensor, int | None]) -> ModuleType | None:
+def _impl(operand: Tensor, tile: int, *bases: tuple[Tensor, int | None], elements: float
+          ) -> ModuleType | None:
     """The kernel module if it handles ``operand`` with these ``(basis, expected rank)`` pairs.
 
-    Anything else (wrong basis shape or device included) goes to the aten composite, which
-    raises the usual errors instead of a kernel reading out of bounds.
+    ``elements`` is the size of the largest tensor the kernel touches: the kernels index in
+    32 bits. Anything else (wrong basis shape or device included) goes to the aten composite,
+    which raises the usual errors instead of a kernel reading out of bounds.
     """
     impl = kernels()
-    if impl is None or not impl.supports(tile, *(b for b, _ in bases), dtype=operand.dtype):
+    if (impl is None or elements >= 2**31
+            or not impl.supports(tile, *(b for b, _ in bases), dtype=operand.dtype)):
         return None
     for basis, rank in bases:
         if (basis.dim() != 2 or basis.shape[1] != tile * tile or basis.device != operand.device
@@ -58,7 +61,8 @@ def _bias_ok(bias: Tensor | None, operand: Tensor, tile: int) -> bool:
 @ops.encode.register_kernel("cuda")
 def _encode_cuda(x: Tensor, basis: Tensor, tile: int) -> Tensor:
     ops._check_divisible(x, tile, "encode")
-    impl = _impl(x, tile, (basis, None))
+    impl = _impl(x, tile, (basis, None),
+                 elements=x.numel() * max(1, basis.shape[0] / tile**2))
     if impl is None:
         return ops.encode_aten(x, basis, tile).contiguous()
     return impl.encode(x, basis, tile)
@@ -66,7 +70,8 @@ def _encode_cuda(x: Tensor, basis: Tensor, tile: int) -> Tensor:
 
 @ops.decode.register_kernel("cuda")
 def _decode_cuda(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
-    impl = _impl(encoded, tile, (basis, encoded.shape[0]))
+    impl = _impl(encoded, tile, (basis, encoded.shape[0]),
+                 elements=encoded.numel() * max(1, tile**2 / max(1, encoded.shape[0])))
     if impl is None:
         return ops.decode_aten(encoded, basis, tile).contiguous()
     return impl.decode(encoded, basis, tile)
@@ -76,7 +81,8 @@ def _decode_cuda(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
 def _decode_epilogue_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
                           scale: float, tile: int) -> Tensor:
     ops.check_activation(activation)
-    impl = _impl(encoded, tile, (d, encoded.shape[0]))
+    impl = _impl(encoded, tile, (d, encoded.shape[0]),
+                 elements=encoded.numel() * max(1, tile**2 / max(1, encoded.shape[0])))
     if impl is None or not _bias_ok(bias, encoded, tile):
         return ops.decode_epilogue_aten(encoded, d, bias, activation, scale, tile).contiguous()
     return impl.decode_epilogue(encoded, d, bias, activation, scale, tile)
@@ -87,7 +93,8 @@ def _decode_act_encode_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None, ex:
                             activation: str, scale: float, tile: int, rows: int, cols: int
                             ) -> Tensor:
     ops.check_activation(activation)
-    impl = _impl(encoded, tile, (d, encoded.shape[0]), (ex, None))
+    impl = _impl(encoded, tile, (d, encoded.shape[0]), (ex, None),
+                 elements=encoded.numel() * max(1, ex.shape[0] / max(1, encoded.shape[0])))
     if impl is None or not _bias_ok(bias, encoded, tile):
         return ops.decode_act_encode_aten(encoded, d, bias, ex, activation, scale, tile, rows,
                                           cols).contiguous()
@@ -99,7 +106,9 @@ def _decode_glu_encode_cuda(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | No
                             up_d: Tensor, up_bias: Tensor | None, ex: Tensor, activation: str,
                             scale: float, tile: int, rows: int, cols: int) -> Tensor:
     ops.check_activation(activation)
-    impl = _impl(gate, tile, (gate_d, gate.shape[0]), (up_d, up.shape[0]), (ex, None))
+    impl = _impl(gate, tile, (gate_d, gate.shape[0]), (up_d, up.shape[0]), (ex, None),
+                 elements=max(gate.numel(), up.numel(),
+                              gate.numel() * ex.shape[0] / max(1, gate.shape[0])))
     if (impl is None or up.dtype != gate.dtype or up.shape[1:] != gate.shape[1:]
             or not _bias_ok(gate_bias, gate, tile) or not _bias_ok(up_bias, gate, tile)):
         return ops.decode_glu_encode_aten(gate, gate_d, gate_bias, up, up_d, up_bias, ex,

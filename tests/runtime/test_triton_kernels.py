@@ -160,6 +160,20 @@ class _KernelChecks:
         _encode_case(impl, self.call, gen, self.device, torch.float32, (3,), 12, 40, 24,
                      strided=True)
 
+    @pytest.mark.parametrize("per_sm", [1, 3])
+    def test_looping_programs(self, impl, monkeypatch, per_sm):
+        """Fewer programs than blocks: each program loops over blocks, prefetching the next."""
+        for kind in ("encode", "decode"):
+            table = {rp: (*config[:3], per_sm) for rp, config in impl.CONFIGS[kind].items()}
+            monkeypatch.setitem(impl.CONFIGS, kind, table)
+        gen = torch.Generator().manual_seed(per_sm)
+        for batch, n, k, rank in ENCODE_CASES[1:3]:
+            _encode_case(impl, self.call, gen, self.device, torch.float32, batch, n, k, rank,
+                         strided=False)
+        for batch, a, c, rank in DECODE_CASES[1:3]:
+            _decode_case(impl, self.call, gen, self.device, torch.float32, batch, a, c, rank,
+                         "relu", c * 4)
+
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
     def test_decode(self, impl, dtype, case):

@@ -1,0 +1,89 @@
+"""Shared helpers of the accuracy examples: conversion variants, training loop, tables."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+import stl_compiler as stl
+from stl_compiler.fit import calibrate, distill
+
+RANKS = (16, 24, 32, 40, 49)
+
+
+def parse_args(doc: str, out: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    parser.add_argument("--steps", type=int, default=None, help="training steps (dense and A)")
+    parser.add_argument("--out", default=out, help="JSON results file")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    return args
+
+
+def config(rank: int, row_grouping: str) -> stl.STLConfig:
+    """Fitted basis below the exact rank, Strassen's exact basis at 49."""
+    return stl.STLConfig(rank=rank, basis="strassen" if rank == 49 else "fitted",
+                         row_grouping=row_grouping)
+
+
+def to_stl(model: nn.Module, rank: int, row_grouping: str, keep_reference: bool = False
+           ) -> nn.Module:
+    """A converted deep copy of ``model`` (every nn.Linear with in/out >= 16)."""
+    student = copy.deepcopy(model)
+    stl.swap_linears_(student, config(rank, row_grouping), keep_reference=keep_reference)
+    return student
+
+
+def train(model: nn.Module, batches: Iterator, loss_fn: Callable, steps: int, lr: float
+          ) -> float:
+    """AdamW with a cosine schedule; returns seconds spent."""
+    start = time.perf_counter()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        loss = loss_fn(model, next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def convert_variants(dense: nn.Module, rank: int, row_grouping: str, calib: list,
+                     distill_batches: list, distill_steps: int, evaluate: Callable,
+                     lr: float) -> dict:
+    """(B): plain encoding, + calibration, + distillation (from the calibrated model)."""
+    plain = to_stl(dense, rank, row_grouping)
+    result = {"plain": evaluate(plain)}
+    calibrated = to_stl(dense, rank, row_grouping, keep_reference=True)
+    table = calibrate(calibrated, calib, steps=2, progress=False)
+    result["calibrated"] = evaluate(calibrated)
+    result["calibration"] = table.rows
+    distill(calibrated, dense, distill_batches, steps=distill_steps, lr=lr, progress=False)
+    result["distilled"] = evaluate(calibrated)
+    return result
+
+
+def report(title: str, metric: str, dense: float, results: dict, path: str, extra: dict
+           ) -> None:
+    """Print the (A)/(B) table and write everything to ``path``."""
+    print(f"\n{title} ({metric}); dense: {dense:.4g}")
+    print(f"{'rank':>5} {'A: scratch':>11} {'B: plain':>9} {'B: +calib':>10} "
+          f"{'B: +distill':>12}")
+    for rank, row in results.items():
+        print(f"{rank:>5} {row['scratch']:>11.4g} {row['plain']:>9.4g} "
+              f"{row['calibrated']:>10.4g} {row['distilled']:>12.4g}")
+    with open(path, "w") as handle:
+        json.dump({"metric": metric, "dense": dense, "ranks": results, **extra}, handle,
+                  indent=1)
+    print(f"wrote {path}")
