@@ -4,10 +4,12 @@ Steps (each can be skipped), results written under ``$OUT`` (or ``--out``):
 
 1. ``tests``: the CUDA class of ``tests/runtime/test_triton_kernels.py`` (pytest, in a
    subprocess; log in ``tests.log``);
-2. ``sweep``: encode / decode / decode_act_encode at one large shape for several block shapes,
-   achieved bandwidth against the device-to-device copy, registers and spills
-   (``sweep.json``);
-3. ``bench``: ``benchmarks/bench_layer.py`` (``layer_bench.json``).
+2. ``sweep``: encode / decode / decode_act_encode at three sizes for several block shapes,
+   achieved bandwidth against the device-to-device copy, registers and spills, and the
+   block shape that does best over the sizes (``sweep.json``; ``--apply-sweep`` benches
+   with it);
+3. ``bmm``: the batched GEMM with the encoded weight in either layout (``bmm_layouts.json``);
+4. ``bench``: ``benchmarks/bench_layer.py`` (``layer_bench.json``).
 
 Usage: ``STL_COMMIT=$(git rev-parse HEAD) python benchmarks/gpu_check.py [--skip tests sweep]
 [--bench-args "--ranks 24"]``.
@@ -34,15 +36,32 @@ import bench_layer  # noqa: E402  (after the path fix above)
 
 from stl_compiler.runtime import ops, triton_kernels  # noqa: E402
 
-#: Block shapes (BI, BJ, num_warps) tried per padded rank in the sweep.
+#: Block shapes tried per kernel and padded rank: (BI, BJ, num_warps, programs per SM), 0
+#: programs per SM meaning one program per block (see _triton_impl.CONFIGS); candidates from
+#: the earlier sweeps in docs/kernel_notes.md.
 SWEEP = {
-    16: [(4, 32, 4), (8, 32, 4), (16, 32, 4), (8, 32, 8), (16, 32, 8), (8, 64, 8)],
-    32: [(2, 32, 4), (4, 32, 4), (8, 32, 4), (16, 32, 4), (8, 32, 8), (16, 32, 8), (4, 64, 4),
-         (8, 64, 8), (2, 64, 4), (32, 16, 8)],
-    64: [(2, 32, 4), (4, 32, 4), (4, 32, 8), (8, 32, 8), (2, 64, 4), (4, 64, 8)],
+    "encode": {
+        16: [(4, 64, 4, 4), (8, 32, 4, 4), (8, 32, 4, 0), (8, 64, 8, 2), (4, 64, 4, 8),
+             (4, 64, 4, 0)],
+        32: [(4, 64, 4, 4), (8, 32, 4, 4), (2, 64, 4, 0), (4, 32, 4, 0), (8, 64, 8, 2),
+             (4, 64, 4, 8)],
+        64: [(2, 64, 4, 4), (4, 32, 4, 4), (2, 64, 4, 0), (2, 64, 4, 8), (2, 64, 8, 4),
+             (4, 64, 8, 4)],
+    },
+    "decode": {
+        16: [(4, 64, 4, 4), (8, 32, 4, 4), (8, 64, 8, 2), (8, 32, 4, 0), (4, 64, 4, 8),
+             (4, 64, 4, 0)],
+        32: [(4, 64, 8, 4), (2, 64, 4, 8), (4, 64, 4, 4), (8, 64, 8, 2), (2, 64, 4, 0),
+             (4, 64, 4, 8)],
+        64: [(2, 64, 4, 4), (4, 32, 4, 4), (2, 32, 4, 8), (2, 64, 4, 8), (2, 64, 4, 0),
+             (4, 64, 8, 4)],
+    },
+    "fused": {32: [(1, 128, 4, 0), (2, 64, 4, 0), (1, 128, 4, 4), (2, 64, 4, 4), (2, 64, 4, 8),
+                   (1, 256, 8, 2)]},
 }
-#: The fused decode→act→encode kernel holds two accumulators: smaller blocks.
-SWEEP_FUSED = [(2, 32, 4), (4, 32, 4), (4, 32, 8), (8, 32, 8), (2, 64, 4), (8, 16, 4)]
+#: Square sizes each candidate is timed at; the winner has the best mean of (fastest time at
+#: that size / its time), so one config serves small and large layers.
+SWEEP_SIZES = (4096, 8192, 16384)
 
 
 def run_tests(out: Path, timeout: int) -> None:
@@ -69,62 +88,109 @@ def _last_compiled(kernel) -> dict:
     return {}
 
 
-def _sweep_rank(impl, x: torch.Tensor, rank: int, bandwidth: float, deadline: float
-                ) -> list[dict]:
-    """Every sweep block shape of each kernel for one rank; the tables restored after."""
-    t, rp = 4, impl.padded_rank(rank)
-    basis = torch.randn(rank, t * t, device="cuda", dtype=x.dtype) / t
-    xh = ops.encode(x, basis, t)
-    n = x.shape[-1]
+def _sweep_size(impl, n: int, bandwidth: float) -> list[dict]:
+    """Time every candidate of every kernel at ``x (n, n)`` bf16, ranks 24, 16 and 49."""
+    t = 4
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     plain_bytes = x.numel() * x.element_size()
-    cases = [("encode", lambda: ops.encode(x, basis, t), impl._encode_kernel,
-              plain_bytes * (1 + rank / t**2)),
-             ("decode", lambda: ops.decode(xh, basis, t), impl._decode_kernel,
-              plain_bytes * (1 + rank / t**2))]
-    if rp == 32:
-        cases.append(("fused", lambda: ops.decode_act_encode(xh, basis, None, basis, "gelu", 1.0,
-                                                             t, n, n),
-                      impl._decode_act_encode_kernel, plain_bytes * 2 * rank / t**2))
     rows = []
-    for kind, fn, kernel, nbytes in cases:
-        default = impl.CONFIGS[kind][rp]
-        for config in (SWEEP_FUSED if kind == "fused" else SWEEP[rp]):
-            if time.time() > deadline:
-                break
-            impl.CONFIGS[kind][rp] = config
-            fn()
-            info = _last_compiled(kernel)
-            ms = bench_layer.bench(fn)
-            gbs = nbytes / ms / 1e6
-            row = {"kernel": kind, "rank": rank, "config": config, "ms": ms, "gbs": gbs,
-                   "frac_copy": gbs * 1e9 / bandwidth, **info}
-            rows.append(row)
-            print(f"  {kind:<7} r={rank:<3} BI,BJ,warps={config!s:<13} {ms:8.4f} ms "
-                  f"{gbs:6.0f} GB/s ({row['frac_copy']:.2f} of copy) {info}", flush=True)
-        impl.CONFIGS[kind][rp] = default
+    for rank in (24, 16, 49):
+        rp = impl.padded_rank(rank)
+        basis = torch.randn(rank, t * t, device="cuda", dtype=x.dtype) / t
+        xh = ops.encode(x, basis, t)
+        runs = {"encode": (lambda b=basis: ops.encode(x, b, t), impl._encode_kernel,
+                           plain_bytes * (1 + rank / t**2)),
+                "decode": (lambda e=xh, b=basis: ops.decode(e, b, t), impl._decode_kernel,
+                           plain_bytes * (1 + rank / t**2)),
+                "fused": (lambda e=xh, b=basis: ops.decode_act_encode(e, b, None, b, "gelu", 1.0,
+                                                                      t, n, n),
+                          impl._decode_act_encode_kernel, plain_bytes * 2 * rank / t**2)}
+        for kind, (fn, kernel, nbytes) in runs.items():
+            default = impl.CONFIGS[kind][rp]
+            for config in SWEEP[kind].get(rp, []):
+                impl.CONFIGS[kind][rp] = config
+                fn()
+                info = _last_compiled(kernel)
+                ms = bench_layer.bench(fn, rep=100)
+                gbs = nbytes / ms / 1e6
+                rows.append({"kernel": kind, "rank": rank, "n": n, "config": config, "ms": ms,
+                             "gbs": gbs, "frac_copy": gbs * 1e9 / bandwidth, **info})
+                print(f"  n={n:<5} {kind:<6} r={rank:<3} {config!s:<14} {ms:8.4f} ms "
+                      f"{gbs:5.0f} GB/s ({gbs * 1e9 / bandwidth:.2f} of copy) {info}", flush=True)
+            impl.CONFIGS[kind][rp] = default
     return rows
 
 
-def sweep(out: Path, n: int, budget_s: float) -> None:
-    """Bandwidth of each kernel for each block shape at ``x (n, n)`` bf16."""
+def _winners(impl, rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """Per (kernel, padded rank): the config with the best mean relative speed over sizes."""
+    best_ms: dict[tuple, float] = {}
+    for r in rows:
+        key = (r["kernel"], r["rank"], r["n"])
+        best_ms[key] = min(best_ms.get(key, float("inf")), r["ms"])
+    scores: dict[tuple, list[float]] = {}
+    for r in rows:
+        key = (r["kernel"], impl.padded_rank(r["rank"]), tuple(r["config"]))
+        scores.setdefault(key, []).append(best_ms[(r["kernel"], r["rank"], r["n"])] / r["ms"])
+    winners: dict[tuple[str, int], dict] = {}
+    for (kind, rp, config), values in scores.items():
+        score = sum(values) / len(values)
+        if score > winners.get((kind, rp), {"score": -1.0})["score"]:
+            winners[(kind, rp)] = {"config": config, "score": score}
+    return winners
+
+
+def sweep(out: Path, budget_s: float, apply: bool) -> None:
+    """Bandwidth of each kernel for each candidate block shape at SWEEP_SIZES; with ``apply``,
+    each kernel's winner (see _winners) becomes its config for the rest of the run."""
     impl = triton_kernels.kernels()
     bandwidth = bench_layer.copy_bandwidth()
-    print(f"sweep at n={n}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    print(f"sweep: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     deadline = time.time() + budget_s
-    rows = [row for rank in (24, 16, 49) for row in _sweep_rank(impl, x, rank, bandwidth,
-                                                                  deadline)]
-    results = {"n": n, "copy_gbs": bandwidth / 1e9, "rows": rows}
+    rows = []
+    for n in SWEEP_SIZES:
+        if time.time() > deadline:
+            print(f"  sweep budget spent: sizes from n={n} skipped", flush=True)
+            break
+        rows += _sweep_size(impl, n, bandwidth)
+        torch.cuda.empty_cache()
+    winners = _winners(impl, rows)
+    for (kind, rp), win in sorted(winners.items()):
+        print(f"  winner {kind:<6} rank<={rp:<3} {win['config']} "
+              f"(mean relative speed {win['score']:.3f})", flush=True)
+        if apply:
+            impl.CONFIGS[kind][rp] = win["config"]
+    results = {"copy_gbs": bandwidth / 1e9, "rows": rows, "applied": apply,
+               "winners": {f"{k}/{rp}": w for (k, rp), w in winners.items()}}
     (out / "sweep.json").write_text(json.dumps(results, indent=1))
+
+
+def bmm_layouts(out: Path, rank: int) -> None:
+    """torch.bmm with the encoded weight stored (r, k/t, m/t) ("nn", as STLLinear keeps it)
+    against (r, m/t, k/t) read transposed ("nt", the layout F.linear gives cuBLAS)."""
+    shapes = [(s, s, s) for s in bench_layer.SQUARE] + [v[1:] for v in bench_layer.LLM]
+    rows = []
+    for n, k, m in shapes:
+        xh = torch.randn(rank, n // 4, k // 4, device="cuda", dtype=torch.bfloat16)
+        w_nt = torch.randn(rank, m // 4, k // 4, device="cuda", dtype=torch.bfloat16)
+        w_nn = w_nt.transpose(1, 2).contiguous()
+        row = {"n": n, "k": k, "m": m, "rank": rank,
+               "nn_ms": bench_layer.bench(lambda a=xh, b=w_nn: torch.bmm(a, b)),
+               "nt_ms": bench_layer.bench(lambda a=xh, b=w_nt: torch.bmm(a, b.transpose(1, 2)))}
+        rows.append(row)
+        print(f"  bmm r={rank} {n}x{k}x{m}: nn {row['nn_ms']:.4f} ms, nt {row['nt_ms']:.4f} ms",
+              flush=True)
+    (out / "bmm_layouts.json").write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
-    parser.add_argument("--skip", nargs="*", default=[], choices=["tests", "sweep", "bench"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["tests", "sweep", "bmm", "bench"])
     parser.add_argument("--test-timeout", type=int, default=240)
-    parser.add_argument("--sweep-n", type=int, default=8192)
     parser.add_argument("--sweep-budget", type=float, default=120.0)
+    parser.add_argument("--apply-sweep", action="store_true",
+                        help="bench with the fastest block shape of each kernel from the sweep")
     parser.add_argument("--bench-args", default="", help="extra bench_layer.py arguments")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +201,9 @@ def main() -> None:
     if "tests" not in args.skip:
         run_tests(args.out, args.test_timeout)
     if "sweep" not in args.skip:
-        sweep(args.out, args.sweep_n, args.sweep_budget)
+        sweep(args.out, args.sweep_budget, args.apply_sweep)
+    if "bmm" not in args.skip:
+        bmm_layouts(args.out, 24)
     if "bench" not in args.skip:
         bench_layer.main([*shlex.split(args.bench_args), "--out", str(args.out)])
 

@@ -59,9 +59,9 @@ def main() -> None:
     labels = torch.tensor(digits.target)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     train_idx, test_idx = perm[:1347], perm[1347:]
-    gen = torch.Generator().manual_seed(args.seed)
 
-    def batches():
+    def batches(seed: int = args.seed):
+        gen = torch.Generator().manual_seed(seed)
         while True:
             idx = train_idx[torch.randint(len(train_idx), (128,), generator=gen)]
             yield images[idx], labels[idx]
@@ -83,7 +83,7 @@ def main() -> None:
     print(f"dense: {dense_acc:.2f}% ({seconds:.0f}s, {steps} steps)", flush=True)
     calib = [images[train_idx[i:i + 64]] for i in range(0, 256, 64)]
     distill_steps = steps // 10
-    stream = batches()
+    stream = batches(args.seed + 1)
     distill_batches = [next(stream)[0] for _ in range(distill_steps)]
     results = {}
     for rank in args.ranks:
@@ -91,7 +91,7 @@ def main() -> None:
         train(scratch, batches(), loss_fn, steps, lr=3e-3)
         row = {"scratch": accuracy(scratch)}
         row.update(convert_variants(dense, rank, "tokens", calib, distill_batches,
-                                    distill_steps, accuracy, lr=1e-3))
+                                    distill_steps, accuracy, lr=2e-4))
         results[rank] = row
         print(f"rank {rank}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()
                                           if isinstance(v, float)), flush=True)

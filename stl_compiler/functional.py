@@ -62,14 +62,13 @@ def stl_product(x: Tensor, w: Tensor, ex: Tensor, ew: Tensor, d: Tensor, tile: i
     Leading dims of the operands are aligned (not expanded) so the rank-major encoded tensors
     broadcast in the batched matmul exactly as ``torch.matmul`` would.
     """
-    n, k, m = x.shape[-2], x.shape[-1], w.shape[-1]
+    n, m = x.shape[-2], w.shape[-1]
     ndim = max(x.dim(), w.dim())
     x = x.reshape((1,) * (ndim - x.dim()) + tuple(x.shape))
     w = w.reshape((1,) * (ndim - w.dim()) + tuple(w.shape))
-    kp = round_up(k, tile)
-    xh = encode(pad_last2(x, round_up(n, tile), kp), ex.to(x.dtype), tile)
-    wh = encode(pad_last2(w, kp, round_up(m, tile)), ew.to(w.dtype), tile)
-    return decode(torch.matmul(xh, wh), d.to(x.dtype), tile)[..., :n, :m]
+    xh = encode(x, ex.to(x.dtype), tile)
+    wh = encode(w, ew.to(w.dtype), tile)
+    return decode(torch.matmul(xh, wh), d.to(x.dtype), tile, n, m)
 
 
 def stl_matmul_reference(x: Tensor, w: Tensor, basis: STLBasis) -> Tensor:

@@ -14,7 +14,7 @@ from .functional import (
     stl_product,
 )
 from .runtime.ops import decode, encode
-from .tiling import check_row_grouping, group_rows, pad_last2, round_up, ungroup_rows
+from .tiling import check_row_grouping, group_rows, round_up, ungroup_rows
 
 __all__ = ["STLLinear", "STLMatmul"]
 
@@ -104,13 +104,9 @@ class STLLinear(nn.Module):
             raise ValueError(f"basis has tile={basis.tile}, rank={basis.rank}; this layer has "
                              f"tile={self.tile}, rank={self.rank}")
         ex, ew, d = basis.to(torch.float64, weight_t.device)
-        padded = pad_last2(weight_t.double(), *self._padded_km())
-        self.weight_encoded.copy_(encode(padded, ew, self.tile))
+        self.weight_encoded.copy_(encode(weight_t.double(), ew, self.tile))
         self.ex.copy_(ex)
         self.d.copy_(d)
-
-    def _padded_km(self) -> tuple[int, int]:
-        return round_up(self.in_features, self.tile), round_up(self.out_features, self.tile)
 
     def forward(self, x: Tensor) -> Tensor:
         check_operand(x, "input", min_dim=1)
@@ -121,13 +117,11 @@ class STLLinear(nn.Module):
         if squeeze:
             x = x.unsqueeze(0)
         rows = group_rows(x, self.row_grouping)
-        kp, mp = self._padded_km()
-        n = rows.shape[-2]
-        encoded = encode(pad_last2(rows, round_up(n, self.tile), kp), self.ex, self.tile)
+        encoded = encode(rows, self.ex, self.tile)
         flat = encoded.reshape(self.rank, -1, encoded.shape[-1])
         product = torch.bmm(flat, self.weight_encoded)
         product = product.reshape(*encoded.shape[:-1], product.shape[-1])
-        y = decode(product, self.d, self.tile)[..., :n, : self.out_features]
+        y = decode(product, self.d, self.tile, rows.shape[-2], self.out_features)
         y = ungroup_rows(y, x, self.row_grouping)
         if self.bias is not None:
             y = y + self.bias

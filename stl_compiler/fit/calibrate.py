@@ -76,7 +76,7 @@ class _LayerData:
     def __init__(self, layer: STLLinear, inputs: list[Tensor], weight: Tensor,
                  bias: Tensor | None) -> None:
         t = layer.tile
-        kp, mp = layer._padded_km()
+        kp, mp = round_up(layer.in_features, t), round_up(layer.out_features, t)
         self.inputs = inputs
         self.targets = [torch.nn.functional.linear(x.double(), weight.double(),
                                                    None if bias is None else bias.double())

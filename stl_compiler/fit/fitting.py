@@ -8,6 +8,7 @@ least-squares problem; ``method="sgd"`` is the paper's gradient descent, for com
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -180,14 +181,14 @@ def fit_basis(tile: int = 4, rank: int = 24, *, data: str | Samples = "gaussian"
                          f"cannot give rank {rank}; use init='random'")
     bar = Progress(runs * steps + (exact_rank - rank), f"fit-basis t={tile} r={rank}", progress)
     t2 = tile * tile
-    best: tuple[Mats, float] | None = None
+    best: tuple[Mats, float] = ([], math.inf)
     for run in range(runs):
-        start = bases.strassen(tile) if init == "deflate" else _initial(init, tile, rank, seed + run)
+        start = (bases.strassen(tile) if init == "deflate"
+                 else _initial(init, tile, rank, seed + run))
         mats = [start.ex @ lx, start.ew @ lw, start.d.clone()]
 
-        def tick(err: float, run: int = run) -> None:
-            shown = err if best is None else min(err, best[1])
-            bar.update(1, restart=run + 1, alpha=shown / t2)
+        def tick(err: float, run: int = run, prior: float = best[1]) -> None:
+            bar.update(1, restart=run + 1, alpha=min(err, prior) / t2)
 
         if init == "deflate":
             mats = _deflate(target, mats, rank, 30, schedule, tick)
@@ -195,10 +196,9 @@ def fit_basis(tile: int = 4, rank: int = 24, *, data: str | Samples = "gaussian"
             fitted = _als(target, mats, steps, schedule, tick)
         else:
             fitted = _sgd(target, mats, steps, lr, tick)
-        if best is None or fitted[1] < best[1]:
+        if fitted[1] < best[1] or not best[0]:
             best = fitted
     bar.close()
-    assert best is not None
     ex = torch.linalg.solve_triangular(lx, best[0][0], upper=False, left=False)
     ew = torch.linalg.solve_triangular(lw, best[0][1], upper=False, left=False)
     name = f"fitted{tile}x{rank}"

@@ -27,7 +27,6 @@ _ACTIVATIONS = {
     aten.relu.default: "relu", aten.silu.default: "silu", aten.tanh.default: "tanh",
     aten.sigmoid.default: "sigmoid",
 }
-_PASSTHROUGH = (aten.alias.default, aten.slice.Tensor)
 _ROW_WISE = (aten.layer_norm.default, aten.native_layer_norm.default, aten.softmax.int,
              aten._softmax.default, aten.mean.dim, aten.rsqrt.default)
 
@@ -70,26 +69,12 @@ def _parse_branch(gm: fx.GraphModule, node: fx.Node, allow_activation: bool) -> 
                 break
         else:
             return None
-    rows = cols = None
-    while isinstance(node, fx.Node) and node.target in _PASSTHROUGH:
-        if node.target is aten.slice.Tensor:
-            dim, start = node.args[1], node.args[2] if len(node.args) > 2 else None
-            ndim = node.meta["val"].dim()
-            if start not in (None, 0) or (len(node.args) > 4 and node.args[4] != 1):
-                return None
-            if dim % ndim == ndim - 1:
-                cols = node.args[3]
-            elif dim % ndim == ndim - 2:
-                rows = node.args[3]
-            else:
-                return None
+    while isinstance(node, fx.Node) and node.target is aten.alias.default:
         chain.append(node)
         node = node.args[0]
     if not (isinstance(node, fx.Node) and node.target is stl.decode.default):
         return None
-    shape = node.meta["val"].shape
-    return Branch(node, bias, activation, shape[-2] if rows is None else rows,
-                  shape[-1] if cols is None else cols, chain)
+    return Branch(node, bias, activation, node.args[3], node.args[4], chain)
 
 
 def _strip_scale(node: fx.Node) -> tuple[fx.Node, float, list[fx.Node]]:
@@ -100,26 +85,13 @@ def _strip_scale(node: fx.Node) -> tuple[fx.Node, float, list[fx.Node]]:
     return node, 1.0, []
 
 
-def _encode_consumers(value: fx.Node) -> list[tuple[fx.Node, fx.Node | None]] | None:
-    """``[(encode, pad or None)]`` when every user of ``value`` is an (optionally zero-padded)
-    encode; None when something else also reads it."""
-    consumers = []
-    for user in value.users:
-        pad = None
-        if user.target in (aten.pad.default, aten.constant_pad_nd.default):
-            if len(user.args) > 2 and user.args[2] not in (None, 0, 0.0):
-                return None
-            if user.kwargs.get("value") not in (None, 0, 0.0) or len(user.users) != 1:
-                return None
-            pad, user = user, next(iter(user.users))
-        if user.target is not stl.encode.default or user.args[0] is not (pad or value):
-            return None
-        consumers.append((user, pad))
+def _encode_consumers(value: fx.Node) -> list[fx.Node] | None:
+    """The encodes reading ``value``, when nothing else reads it; else None."""
+    consumers = list(value.users)
+    if not consumers or any(u.target is not stl.encode.default or u.args[0] is not value
+                            for u in consumers):
+        return None
     return consumers
-
-
-def _same_shape(a: fx.Node, b: fx.Node) -> bool:
-    return [str(d) for d in a.meta["val"].shape] == [str(d) for d in b.meta["val"].shape]
 
 
 def _site(node: fx.Node) -> str:
@@ -149,16 +121,14 @@ def fuse_elementwise(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         if not _single_use(branches, scale_chain, value):
             continue
-        decode = branches[0].decode
-        if not all(_same_shape(decode, pad or enc.args[0]) for enc, pad in consumers) or \
-                len({enc.args[2] for enc, _ in consumers} | {decode.args[2]}) != 1:
+        if len({enc.args[2] for enc in consumers} | {b.decode.args[2] for b in branches}) != 1:
             continue
         algebraic = _is_algebraic(branches)
         _replace(graph, branches, consumers, scale, algebraic)
         fused_decodes.update(b.decode for b in branches)
         ctx.report.boundaries.append(BoundaryRow(
             producer=" * ".join(_site(b.decode) for b in branches),
-            consumers=[_site(enc) for enc, _ in consumers],
+            consumers=[_site(enc) for enc in consumers],
             kind="algebraic" if algebraic else "elementwise",
             reason="+".join(filter(None, ["bias" if any(b.bias for b in branches) else "",
                                           *[b.activation for b in branches
@@ -202,15 +172,16 @@ def _is_algebraic(branches: list[Branch]) -> bool:
     if len(branches) != 1 or branches[0].bias is not None or branches[0].activation != "none":
         return False
     b = branches[0]
-    shape = b.decode.meta["val"].shape
-    return all(isinstance(v, int) and isinstance(s, int) and v == s
-               for v, s in ((b.rows, shape[-2]), (b.cols, shape[-1])))
+    tile, grid = b.decode.args[2], b.decode.args[0].meta["val"].shape[-2:]
+    return all(isinstance(v, int) and isinstance(n, int) and v == n * tile
+               for v, n in ((b.rows, grid[0]), (b.cols, grid[1])))
 
 
 def _replace(graph: fx.Graph, branches: list[Branch], consumers: list, scale: float,
              algebraic: bool) -> None:
-    first = min((enc for enc, _ in consumers), key=lambda n: list(graph.nodes).index(n))
-    encoders = [enc.args[1] for enc, _ in consumers]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first = min(consumers, key=order.__getitem__)
+    encoders = [enc.args[1] for enc in consumers]
     tile = branches[0].decode.args[2]
     rows, cols = branches[0].rows, branches[0].cols
     with graph.inserting_before(first):
@@ -232,16 +203,14 @@ def _replace(graph: fx.Graph, branches: list[Branch], consumers: list, scale: fl
                                  u.decode.args[1], u.bias, ex, g.activation, scale, tile, rows,
                                  cols), first)
         offset = 0
-        for enc, _ in consumers:
+        for enc in consumers:
             rank = enc.meta["val"].shape[0]
             part = fused if len(consumers) == 1 else insert_call(
                 graph, aten.slice.Tensor, (fused, 0, offset, offset + rank), first)
             offset += rank
             enc.replace_all_uses_with(part)
-    for enc, pad in consumers:
+    for enc in consumers:
         graph.erase_node(enc)
-        if pad is not None:
-            graph.erase_node(pad)
     _erase_dead(graph, [n for b in branches for n in reversed(b.chain)] +
                 [b.decode for b in branches])
 

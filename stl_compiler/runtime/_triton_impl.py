@@ -37,15 +37,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # operands are upcast to fp32 first (exact for bf16, and the dot accumulates in fp32 anyway).
 _UPCAST_DOT = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
-#: Block shapes per kernel kind and padded rank. BI*BJ tiles are one ``tl.dot`` M dimension;
+#: Block shapes per kernel kind and padded rank: (BI, BJ, num_warps, programs per SM), 0
+#: programs per SM meaning one program per block. BI*BJ tiles are one ``tl.dot`` M dimension;
 #: BJ*t*elem_size bytes is the contiguous row segment a program reads (or writes) of the plain
-#: tensor. encode / decode: (BI, BJ, num_warps, programs per SM), 0 programs per SM meaning one
-#: program per block; fused: (BI, BJ, num_warps). Chosen by the sweep of
-#: benchmarks/gpu_check.py on an H200 (docs/kernel_notes.md).
+#: tensor. "fused" (decode_act_encode, decode_glu_encode) is keyed by the largest padded rank
+#: involved. Chosen by the sweep of benchmarks/gpu_check.py on an H200 (docs/kernel_notes.md).
 CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
     "encode": {16: (8, 32, 4, 0), 32: (2, 64, 4, 0), 64: (2, 32, 4, 0)},
     "decode": {16: (8, 64, 8, 0), 32: (2, 64, 4, 0), 64: (2, 64, 4, 0)},
-    "fused": {16: (2, 64, 4), 32: (2, 64, 4), 64: (2, 32, 4)},
+    "fused": {16: (2, 64, 4, 0), 32: (1, 128, 4, 0), 64: (2, 32, 4, 0)},
 }
 
 
@@ -114,13 +114,14 @@ def _block_coords(blk, n_bi, n_bj):
 
 
 @triton.jit
-def _load_plain(ptr, blk, n_blocks, n_bi, n_bj, NT, KT, s_b, s_n, s_k,
+def _load_plain(ptr, blk, n_blocks, n_bi, n_bj, N, K, s_b, s_n, s_k,
                 T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """Block ``blk`` ``(BI*t, BJ*t)`` of a plain tensor; fully masked (no traffic) past the end."""
+    """Block ``blk`` ``(BI*t, BJ*t)`` of a plain ``(B, N, K)`` tensor, zero past N, K (the
+    padding of partial tiles); fully masked (no traffic) past the last block."""
     b, bi, bj = _block_coords(blk, n_bi, n_bj)
     rows = bi * (BI * T) + tl.arange(0, BI * T)
     cols = bj * (BJ * T) + tl.arange(0, BJ * T)
-    mask = (rows < NT * T)[:, None] & (cols < KT * T)[None, :] & (blk < n_blocks)
+    mask = (rows < N)[:, None] & (cols < K)[None, :] & (blk < n_blocks)
     return tl.load(ptr + b * s_b + rows[:, None] * s_n + cols[None, :] * s_k, mask=mask,
                    other=0.0)
 
@@ -159,16 +160,14 @@ def _load_encoded(ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, s_p, s_b, s_i, s_j,
 
 
 @triton.jit
-def _store_encoded(ptr, acc, valid, b, bi, bj, R, AT, CT, s_p, s_b,
+def _store_encoded(ptr, acc, b, bi, bj, R, AT, CT, s_p, s_b,
                    RP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """Store ``acc (BI*BJ, RP)`` into a contiguous-in-(i, j) encoded tensor, ranks < R (nothing
-    unless ``valid``)."""
+    """Store ``acc (BI*BJ, RP)`` into a contiguous-in-(i, j) encoded tensor, ranks < R."""
     i = bi * BI + tl.arange(0, BI)
     j = bj * BJ + tl.arange(0, BJ)
     p = tl.arange(0, RP)
     offs = p[None, None, :] * s_p + b * s_b + i[:, None, None] * CT + j[None, :, None]
-    mask = ((i < AT)[:, None, None] & (j < CT)[None, :, None] & (p < R)[None, None, :]
-            & valid)
+    mask = (i < AT)[:, None, None] & (j < CT)[None, :, None] & (p < R)[None, None, :]
     value = tl.reshape(acc, (BI, BJ, RP)).to(ptr.dtype.element_ty)
     tl.store(ptr + offs, value, mask=mask)
 
@@ -199,34 +198,32 @@ def _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, ROWS, COLS, scale,
 
 
 @triton.jit
-def _encode_kernel(x_ptr, basis_ptr, out_ptr, R, NT, KT, n_bi, n_bj, n_blocks, iters,
+def _encode_kernel(x_ptr, basis_ptr, out_ptr, R, N, K, NT, KT, n_bi, n_bj, n_blocks,
                    sx_b, sx_n, sx_k, so_p, so_b,
                    T: tl.constexpr, RP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                    IEEE: tl.constexpr):
     basis_t = _load_basis_t(basis_ptr, R, T, RP).to(x_ptr.dtype.element_ty)
     blk = tl.program_id(0)
     step = tl.num_programs(0)
-    x = _load_plain(x_ptr, blk, n_blocks, n_bi, n_bj, NT, KT, sx_b, sx_n, sx_k, T, BI, BJ)
-    # Every program runs ``iters`` rounds; blocks past the last are masked off entirely.
-    for _ in range(iters):
+    x = _load_plain(x_ptr, blk, n_blocks, n_bi, n_bj, N, K, sx_b, sx_n, sx_k, T, BI, BJ)
+    while blk < n_blocks:
         # The next block's load is issued before this block's math and stores: two blocks of
         # reads in flight per program (the kernel is bound by memory latency × bytes in flight).
-        x_next = _load_plain(x_ptr, blk + step, n_blocks, n_bi, n_bj, NT, KT, sx_b, sx_n, sx_k,
-                             T, BI, BJ)
+        x_next = _load_plain(x_ptr, blk + step, n_blocks, n_bi, n_bj, N, K, sx_b, sx_n, sx_k, T,
+                             BI, BJ)
         # (BI*t, BJ*t) → (BI, t, BJ, t) → (BI, BJ, t, t) → one row-major tile vector per row.
         tiles = tl.reshape(tl.permute(tl.reshape(x, (BI, T, BJ, T)), (0, 2, 1, 3)),
                            (BI * BJ, T * T))
         acc = _dot(tiles, basis_t, IEEE)
         b, bi, bj = _block_coords(blk, n_bi, n_bj)
-        _store_encoded(out_ptr, acc, blk < n_blocks, b, bi, bj, R, NT, KT, so_p, so_b, RP, BI,
-                       BJ)
+        _store_encoded(out_ptr, acc, b, bi, bj, R, NT, KT, so_p, so_b, RP, BI, BJ)
         x = x_next
         blk += step
 
 
 @triton.jit
-def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, n_bi, n_bj, n_blocks, iters,
-                   NBIAS, scale, se_p, se_b, se_i, se_j, so_b,
+def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, ROWS, COLS, n_bi, n_bj,
+                   n_blocks, NBIAS, scale, se_p, se_b, se_i, se_j,
                    T: tl.constexpr, RP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
     d = _load_basis(d_ptr, R, T, RP).to(enc_ptr.dtype.element_ty)
@@ -234,7 +231,7 @@ def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, n_bi, n_bj, n_b
     step = tl.num_programs(0)
     enc = _load_encoded(enc_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j,
                         RP, BI, BJ)
-    for _ in range(iters):
+    while blk < n_blocks:
         # Prefetch the next block, as in _encode_kernel.
         enc_next = _load_encoded(enc_ptr, blk + step, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
                                  se_b, se_i, se_j, RP, BI, BJ)
@@ -242,13 +239,14 @@ def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, n_bi, n_bj, n_b
         y = _dot(enc, d, IEEE)
         y = _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, 0, 0, scale, T, BI, BJ, ACT, HAS_BIAS,
                            False)
-        # Tile vectors → (BI, BJ, t, t) → (BI, t, BJ, t) → the (BI*t, BJ*t) block, by rows.
+        # Tile vectors → (BI, BJ, t, t) → (BI, t, BJ, t) → the (BI*t, BJ*t) block, by rows,
+        # cropped to the (B, ROWS, COLS) output (the padding is never written).
         y = tl.reshape(tl.permute(tl.reshape(y, (BI, BJ, T, T)), (0, 2, 1, 3)),
                        (BI * T, BJ * T))
         rows = bi * (BI * T) + tl.arange(0, BI * T)
         cols = bj * (BJ * T) + tl.arange(0, BJ * T)
-        mask = (rows < AT * T)[:, None] & (cols < CT * T)[None, :] & (blk < n_blocks)
-        tl.store(out_ptr + b * so_b + rows[:, None] * (CT * T) + cols[None, :],
+        mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+        tl.store(out_ptr + b * ROWS * COLS + rows[:, None] * COLS + cols[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=mask)
         enc = enc_next
         blk += step
@@ -256,49 +254,70 @@ def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, n_bi, n_bj, n_b
 
 @triton.jit
 def _decode_act_encode_kernel(enc_ptr, d_ptr, bias_ptr, ex_ptr, out_ptr, R, R2, AT, CT,
-                              n_bi, n_bj, NBIAS, ROWS, COLS, scale,
+                              n_bi, n_bj, n_blocks, NBIAS, ROWS, COLS, scale,
                               se_p, se_b, se_i, se_j, so_p, so_b,
                               T: tl.constexpr, RP: tl.constexpr, RP2: tl.constexpr,
                               BI: tl.constexpr, BJ: tl.constexpr, ACT: tl.constexpr,
                               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    dtype = enc_ptr.dtype.element_ty
+    d = _load_basis(d_ptr, R, T, RP).to(dtype)
+    ex_t = _load_basis_t(ex_ptr, R2, T, RP2).to(dtype)
     blk = tl.program_id(0)
-    b, bi, bj = _block_coords(blk, n_bi, n_bj)
-    enc = _load_encoded(enc_ptr, blk, blk + 1, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j,
+    step = tl.num_programs(0)
+    enc = _load_encoded(enc_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j,
                         RP, BI, BJ)
-    dtype = enc.dtype
-    y = _dot(enc, _load_basis(d_ptr, R, T, RP).to(dtype), IEEE)
-    y = _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, ROWS, COLS, scale, T, BI, BJ, ACT,
-                       HAS_BIAS, True)
-    # Rounded to the activation dtype before the next encode, as the unfused ops would be.
-    acc = _dot(y.to(dtype), _load_basis_t(ex_ptr, R2, T, RP2).to(dtype), IEEE)
-    _store_encoded(out_ptr, acc, True, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
+    while blk < n_blocks:
+        # Prefetch the next block, as in _encode_kernel.
+        enc_next = _load_encoded(enc_ptr, blk + step, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
+                                 se_b, se_i, se_j, RP, BI, BJ)
+        b, bi, bj = _block_coords(blk, n_bi, n_bj)
+        y = _dot(enc, d, IEEE)
+        y = _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, ROWS, COLS, scale, T, BI, BJ, ACT,
+                           HAS_BIAS, True)
+        # Rounded to the activation dtype before the next encode, as the unfused ops would be.
+        acc = _dot(y.to(dtype), ex_t, IEEE)
+        _store_encoded(out_ptr, acc, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
+        enc = enc_next
+        blk += step
 
 
 @triton.jit
 def _decode_glu_encode_kernel(gate_ptr, gate_d_ptr, gate_bias_ptr, up_ptr, up_d_ptr,
                               up_bias_ptr, ex_ptr, out_ptr, R, RU, R2, AT, CT, n_bi, n_bj,
-                              NBIAS_G, NBIAS_U, ROWS, COLS, scale,
+                              n_blocks, NBIAS_G, NBIAS_U, ROWS, COLS, scale,
                               sg_p, sg_b, sg_i, sg_j, su_p, su_b, su_i, su_j, so_p, so_b,
                               T: tl.constexpr, RP: tl.constexpr, RPU: tl.constexpr,
                               RP2: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                               ACT: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
                               HAS_UP_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    dtype = gate_ptr.dtype.element_ty
+    gate_d = _load_basis(gate_d_ptr, R, T, RP).to(dtype)
+    up_d = _load_basis(up_d_ptr, RU, T, RPU).to(dtype)
+    ex_t = _load_basis_t(ex_ptr, R2, T, RP2).to(dtype)
     blk = tl.program_id(0)
-    b, bi, bj = _block_coords(blk, n_bi, n_bj)
-    gate = _load_encoded(gate_ptr, blk, blk + 1, n_bi, n_bj, R, AT, CT, sg_p, sg_b, sg_i, sg_j,
+    step = tl.num_programs(0)
+    gate = _load_encoded(gate_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, sg_p, sg_b, sg_i, sg_j,
                          RP, BI, BJ)
-    dtype = gate.dtype
-    g = _dot(gate, _load_basis(gate_d_ptr, R, T, RP).to(dtype), IEEE)
-    g = _tile_epilogue(g, gate_bias_ptr, bi, bj, NBIAS_G, ROWS, COLS, 1.0, T, BI, BJ, ACT,
-                       HAS_GATE_BIAS, False)
-    up = _load_encoded(up_ptr, blk, blk + 1, n_bi, n_bj, RU, AT, CT, su_p, su_b, su_i, su_j,
+    up = _load_encoded(up_ptr, blk, n_blocks, n_bi, n_bj, RU, AT, CT, su_p, su_b, su_i, su_j,
                        RPU, BI, BJ)
-    u = _dot(up, _load_basis(up_d_ptr, RU, T, RPU).to(dtype), IEEE)
-    # scale, and the padding mask, applied once to the product.
-    u = _tile_epilogue(u, up_bias_ptr, bi, bj, NBIAS_U, ROWS, COLS, scale, T, BI, BJ, 0,
-                       HAS_UP_BIAS, True)
-    acc = _dot((g * u).to(dtype), _load_basis_t(ex_ptr, R2, T, RP2).to(dtype), IEEE)
-    _store_encoded(out_ptr, acc, True, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
+    while blk < n_blocks:
+        # Prefetch the next blocks, as in _encode_kernel.
+        nxt = blk + step
+        gate_next = _load_encoded(gate_ptr, nxt, n_blocks, n_bi, n_bj, R, AT, CT, sg_p, sg_b,
+                                  sg_i, sg_j, RP, BI, BJ)
+        up_next = _load_encoded(up_ptr, nxt, n_blocks, n_bi, n_bj, RU, AT, CT, su_p, su_b,
+                                su_i, su_j, RPU, BI, BJ)
+        b, bi, bj = _block_coords(blk, n_bi, n_bj)
+        g = _tile_epilogue(_dot(gate, gate_d, IEEE), gate_bias_ptr, bi, bj, NBIAS_G, ROWS, COLS,
+                           1.0, T, BI, BJ, ACT, HAS_GATE_BIAS, False)
+        # scale, and the padding mask, applied once to the product.
+        u = _tile_epilogue(_dot(up, up_d, IEEE), up_bias_ptr, bi, bj, NBIAS_U, ROWS, COLS,
+                           scale, T, BI, BJ, 0, HAS_UP_BIAS, True)
+        acc = _dot((g * u).to(dtype), ex_t, IEEE)
+        _store_encoded(out_ptr, acc, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
+        gate = gate_next
+        up = up_next
+        blk = nxt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,17 +359,17 @@ def _blocks(batch: int, rows: int, cols: int, bi: int, bj: int) -> tuple[int, in
     return batch * n_bi * n_bj, n_bi, n_bj
 
 
-def _programs(n_blocks: int, per_sm: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rounds) of a looping kernel: one program per block, or ``per_sm`` programs
-    per multiprocessor, each taking every ``programs``-th block."""
-    programs = n_blocks if per_sm == 0 else min(n_blocks, per_sm * _sm_count(device))
-    return programs, triton.cdiv(n_blocks, programs)
+def _programs(n_blocks: int, per_sm: int, device: torch.device) -> int:
+    """Programs of a looping kernel: one per block, or ``per_sm`` per multiprocessor, each
+    taking every ``programs``-th block."""
+    return n_blocks if per_sm == 0 else min(n_blocks, per_sm * _sm_count(device))
 
 
 def encode(x: Tensor, basis: Tensor, tile: int) -> Tensor:
-    """``stl::encode``: ``x (*b, n, k)``, ``basis (r, t*t)`` → ``(r, *b, n/t, k/t)``."""
+    """``stl::encode``: ``x (*b, n, k)``, ``basis (r, t*t)`` → ``(r, *b, ⌈n/t⌉, ⌈k/t⌉)``,
+    partial tiles zero-padded."""
     *batch, n, k = x.shape
-    rank, nt, kt = basis.shape[0], n // tile, k // tile
+    rank, nt, kt = basis.shape[0], triton.cdiv(n, tile), triton.cdiv(k, tile)
     out = _new_output((rank, *batch, nt, kt), x)
     if out.numel() == 0:
         return out
@@ -358,45 +377,45 @@ def encode(x: Tensor, basis: Tensor, tile: int) -> Tensor:
     rp = padded_rank(rank)
     bi, bj, warps, per_sm = CONFIGS["encode"][rp]
     n_blocks, n_bi, n_bj = _blocks(x3.shape[0], nt, kt, bi, bj)
-    programs, iters = _programs(n_blocks, per_sm, x.device)
+    programs = _programs(n_blocks, per_sm, x.device)
     _encode_kernel[(programs,)](
-        x3, _basis(basis), out, rank, nt, kt, n_bi, n_bj, n_blocks, iters,
+        x3, _basis(basis), out, rank, n, k, nt, kt, n_bi, n_bj, n_blocks,
         *x3.stride(), out.stride(0), nt * kt,
         T=tile, RP=rp, BI=bi, BJ=bj, IEEE=x.dtype == torch.float32, num_warps=warps)
     return out
 
 
 def decode_epilogue(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
-                    scale: float, tile: int) -> Tensor:
-    """``stl::decode_epilogue``: ``scale * act(decode(encoded, d) + bias)``, ``(*b, a*t, c*t)``.
+                    scale: float, tile: int, rows: int, cols: int) -> Tensor:
+    """``stl::decode_epilogue``: ``scale * act(decode(encoded, d) + bias)`` as
+    ``(*b, rows, cols)``, the padding of the last tiles dropped.
 
     ``decode`` is this with no bias, ``"none"`` and scale 1.
     """
     rank, *batch, at, ct = encoded.shape
-    out = _new_output((*batch, at * tile, ct * tile), encoded)
+    out = _new_output((*batch, rows, cols), encoded)
     if out.numel() == 0:
         return out
     e4 = _flat_encoded(encoded)
     rp = padded_rank(rank)
     bi, bj, warps, per_sm = CONFIGS["decode"][rp]
     n_blocks, n_bi, n_bj = _blocks(e4.shape[1], at, ct, bi, bj)
-    programs, iters = _programs(n_blocks, per_sm, encoded.device)
+    programs = _programs(n_blocks, per_sm, encoded.device)
     bias_arg = bias.contiguous() if bias is not None else out
     _decode_kernel[(programs,)](
-        e4, _basis(d), bias_arg, out, rank, at, ct, n_bi, n_bj, n_blocks, iters,
-        bias.shape[-1] if bias is not None else 0, float(scale),
-        *e4.stride(), at * ct * tile * tile,
+        e4, _basis(d), bias_arg, out, rank, at, ct, rows, cols, n_bi, n_bj, n_blocks,
+        bias.shape[-1] if bias is not None else 0, float(scale), *e4.stride(),
         T=tile, RP=rp, BI=bi, BJ=bj, ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None,
         IEEE=encoded.dtype == torch.float32, num_warps=warps)
     return out
 
 
-def decode(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
-    """``stl::decode``: ``encoded (r, *b, a, c)``, ``basis (r, t*t)`` → ``(*b, a*t, c*t)``."""
-    return decode_epilogue(encoded, basis, None, "none", 1.0, tile)
+def decode(encoded: Tensor, basis: Tensor, tile: int, rows: int, cols: int) -> Tensor:
+    """``stl::decode``: ``encoded (r, *b, a, c)``, ``basis (r, t*t)`` → ``(*b, rows, cols)``."""
+    return decode_epilogue(encoded, basis, None, "none", 1.0, tile, rows, cols)
 
 
-def _fused_config(*ranks: int) -> tuple[int, int, int]:
+def _fused_config(*ranks: int) -> tuple[int, ...]:
     return CONFIGS["fused"][max(padded_rank(r) for r in ranks)]
 
 
@@ -413,11 +432,11 @@ def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tenso
     if out.numel() == 0:
         return out
     e4 = _flat_encoded(encoded)
-    bi, bj, warps = _fused_config(rank, rank2)
+    bi, bj, warps, per_sm = _fused_config(rank, rank2)
     n_blocks, n_bi, n_bj = _blocks(e4.shape[1], at, ct, bi, bj)
     bias_arg = bias.contiguous() if bias is not None else out
-    _decode_act_encode_kernel[(n_blocks,)](
-        e4, _basis(d), bias_arg, _basis(ex), out, rank, rank2, at, ct, n_bi, n_bj,
+    _decode_act_encode_kernel[(_programs(n_blocks, per_sm, encoded.device),)](
+        e4, _basis(d), bias_arg, _basis(ex), out, rank, rank2, at, ct, n_bi, n_bj, n_blocks,
         bias.shape[-1] if bias is not None else 0, rows, cols, float(scale),
         *e4.stride(), out.stride(0), at * ct,
         T=tile, RP=padded_rank(rank), RP2=padded_rank(rank2), BI=bi, BJ=bj,
@@ -436,12 +455,12 @@ def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up
     if out.numel() == 0:
         return out
     g4, u4 = _flat_encoded(gate), _flat_encoded(up)
-    bi, bj, warps = _fused_config(rank, rank_up, rank2)
+    bi, bj, warps, per_sm = _fused_config(rank, rank_up, rank2)
     n_blocks, n_bi, n_bj = _blocks(g4.shape[1], at, ct, bi, bj)
-    _decode_glu_encode_kernel[(n_blocks,)](
+    _decode_glu_encode_kernel[(_programs(n_blocks, per_sm, gate.device),)](
         g4, _basis(gate_d), gate_bias.contiguous() if gate_bias is not None else out,
         u4, _basis(up_d), up_bias.contiguous() if up_bias is not None else out,
-        _basis(ex), out, rank, rank_up, rank2, at, ct, n_bi, n_bj,
+        _basis(ex), out, rank, rank_up, rank2, at, ct, n_bi, n_bj, n_blocks,
         gate_bias.shape[-1] if gate_bias is not None else 0,
         up_bias.shape[-1] if up_bias is not None else 0, rows, cols, float(scale),
         *g4.stride(), *u4.stride(), out.stride(0), at * ct,

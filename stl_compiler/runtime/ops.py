@@ -1,9 +1,11 @@
 """The STL custom ops: ``stl::encode`` and ``stl::decode``.
 
-Layout (docs/math.md): for ``x (*b, n, k)`` with n, k multiples of the tile t, the encoded
-tensor is *rank-major*, ``(r, *b, n/t, k/t)``, so that ``r`` small GEMMs are one batched
-matmul: ``encode(x, ex) @ encode(w, ew)`` (or a pre-encoded weight ``(r, k/t, m/t)``) gives the
-encoded product ``(r, *b, n/t, m/t)``, and ``decode(yh, d)`` returns ``(*b, n, m)``.
+Layout (docs/math.md): for ``x (*b, n, k)`` the encoded tensor is *rank-major*,
+``(r, *b, ⌈n/t⌉, ⌈k/t⌉)`` (encode zero-pads partial tiles itself), so that the ``r`` small
+GEMMs are one batched matmul: ``encode(x, ex) @ encode(w, ew)`` (or a pre-encoded weight)
+gives the encoded product ``(r, *b, ⌈n/t⌉, ⌈m/t⌉)``, and ``decode(yh, d, t, n, m)`` returns
+``(*b, n, m)``, dropping the padding. Keeping pad and crop inside the ops keeps the graph free
+of slicing, whose symbolic sizes would otherwise specialize dynamic shapes.
 
 Each op has a fake (meta) implementation for torch.export / Inductor, an autograd formula
 (encode and decode are each other's adjoints), and a plain-aten decomposition in
@@ -16,68 +18,80 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..tiling import from_tiles, to_tiles
+from ..tiling import from_tiles, pad_last2, round_up, to_tiles
+
+
+def _pad_to_tiles(x: Tensor, tile: int) -> Tensor:
+    return pad_last2(x, round_up(x.shape[-2], tile), round_up(x.shape[-1], tile))
 
 
 def encode_aten(x: Tensor, basis: Tensor, tile: int) -> Tensor:
-    """``(*b, n, k)`` → ``(r, *b, n/t, k/t)``: every tile vector times ``basis.T``."""
-    encoded = to_tiles(x, tile) @ basis.to(x.dtype).t()
+    """``(*b, n, k)`` → ``(r, *b, ⌈n/t⌉, ⌈k/t⌉)``: every zero-padded tile vector times
+    ``basis.T``."""
+    encoded = to_tiles(_pad_to_tiles(x, tile), tile) @ basis.to(x.dtype).t()
     return encoded.movedim(-1, 0)
 
 
-def decode_aten(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
-    """``(r, *b, a, c)`` → ``(*b, a*t, c*t)``: every encoded vector times ``basis``."""
+def decode_full_aten(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
+    """``(r, *b, a, c)`` → ``(*b, a*t, c*t)``, padding included."""
     tiles = encoded.movedim(0, -1) @ basis.to(encoded.dtype)
     return from_tiles(tiles, tile)
 
 
-def _check_divisible(x: Tensor, tile: int, what: str) -> None:
-    if x.shape[-1] % tile or x.shape[-2] % tile:
-        raise ValueError(f"stl::{what} needs the last two dims to be multiples of the tile "
-                         f"{tile}, got {tuple(x.shape)}; pad first (stl_matmul does)")
+def decode_aten(encoded: Tensor, basis: Tensor, tile: int, rows: int, cols: int) -> Tensor:
+    """``(r, *b, a, c)`` → ``(*b, rows, cols)``: decode, then drop the padding."""
+    return decode_full_aten(encoded, basis, tile)[..., :rows, :cols]
+
+
+def _check_crop(encoded: Tensor, tile: int, rows: int, cols: int) -> None:
+    a, c = encoded.shape[-2], encoded.shape[-1]
+    if not ((a - 1) * tile < rows <= a * tile and (c - 1) * tile < cols <= c * tile):
+        raise ValueError(f"stl::decode: {rows}x{cols} does not fit {a}x{c} tiles of {tile} "
+                         f"(each dim must need exactly that many tiles)")
 
 
 @torch.library.custom_op("stl::encode", mutates_args=())
 def encode(x: Tensor, basis: Tensor, tile: int) -> Tensor:
-    """Encode the t×t tiles of ``x (*b, n, k)`` with ``basis (r, t*t)`` → ``(r, *b, n/t, k/t)``."""
-    _check_divisible(x, tile, "encode")
+    """Encode the t×t tiles of ``x (*b, n, k)`` (zero-padded) with ``basis (r, t*t)``
+    → ``(r, *b, ⌈n/t⌉, ⌈k/t⌉)``."""
     return encode_aten(x, basis, tile).contiguous()
 
 
 @torch.library.custom_op("stl::decode", mutates_args=())
-def decode(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
-    """Decode ``encoded (r, *b, a, c)`` with ``basis (r, t*t)`` → ``(*b, a*t, c*t)``."""
-    return decode_aten(encoded, basis, tile).contiguous()
+def decode(encoded: Tensor, basis: Tensor, tile: int, rows: int, cols: int) -> Tensor:
+    """Decode ``encoded (r, *b, a, c)`` with ``basis (r, t*t)`` → ``(*b, rows, cols)``."""
+    _check_crop(encoded, tile, rows, cols)
+    return decode_aten(encoded, basis, tile, rows, cols).contiguous()
 
 
 @encode.register_fake
 def _encode_fake(x: Tensor, basis: Tensor, tile: int) -> Tensor:
     *batch, n, k = x.shape
-    return x.new_empty((basis.shape[0], *batch, n // tile, k // tile))
+    return x.new_empty((basis.shape[0], *batch, (n + tile - 1) // tile, (k + tile - 1) // tile))
 
 
 @decode.register_fake
-def _decode_fake(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
-    _, *batch, a, c = encoded.shape
-    return encoded.new_empty((*batch, a * tile, c * tile))
+def _decode_fake(encoded: Tensor, basis: Tensor, tile: int, rows: int, cols: int) -> Tensor:
+    return encoded.new_empty((*encoded.shape[1:-2], rows, cols))
 
 
 def _basis_grad(encoded_side: Tensor, plain_side: Tensor, tile: int) -> Tensor:
     """``sum over tiles of encoded[p, tile] * vec(plain tile)[q]``, shape ``(r, t*t)``."""
     rank = encoded_side.shape[0]
-    tiles = to_tiles(plain_side, tile).reshape(-1, tile * tile)
+    tiles = to_tiles(_pad_to_tiles(plain_side, tile), tile).reshape(-1, tile * tile)
     return encoded_side.reshape(rank, -1) @ tiles
 
 
 def _save_operands(ctx, inputs, output) -> None:
-    operand, basis, tile = inputs
+    operand, basis, tile = inputs[:3]
     ctx.tile = tile
     ctx.save_for_backward(operand, basis)
 
 
 def _encode_backward(ctx, grad: Tensor):
     x, basis = ctx.saved_tensors
-    grad_x = decode(grad, basis, ctx.tile) if ctx.needs_input_grad[0] else None
+    rows, cols = x.shape[-2], x.shape[-1]
+    grad_x = decode(grad, basis, ctx.tile, rows, cols) if ctx.needs_input_grad[0] else None
     grad_basis = _basis_grad(grad, x, ctx.tile).to(basis.dtype) if ctx.needs_input_grad[1] else None
     return grad_x, grad_basis, None
 
@@ -87,7 +101,7 @@ def _decode_backward(ctx, grad: Tensor):
     grad_encoded = encode(grad, basis, ctx.tile) if ctx.needs_input_grad[0] else None
     grad_basis = (_basis_grad(encoded, grad, ctx.tile).to(basis.dtype)
                   if ctx.needs_input_grad[1] else None)
-    return grad_encoded, grad_basis, None
+    return grad_encoded, grad_basis, None, None, None
 
 
 encode.register_autograd(_encode_backward, setup_context=_save_operands)
@@ -121,7 +135,7 @@ def check_activation(activation: str) -> None:
 
 
 def _decode_affine(encoded: Tensor, d: Tensor, bias: Tensor | None, tile: int) -> Tensor:
-    y = decode_aten(encoded, d, tile)
+    y = decode_full_aten(encoded, d, tile)
     if bias is not None:
         y = y + torch.nn.functional.pad(bias.to(y.dtype), (0, y.shape[-1] - bias.shape[-1]))
     return y
@@ -136,18 +150,24 @@ def _mask_padding(y: Tensor, rows: int, cols: int) -> Tensor:
     return y * (keep_rows[:, None] & keep_cols[None, :]).to(y.dtype)
 
 
-def decode_epilogue_aten(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
-                         scale: float, tile: int) -> Tensor:
-    """``scale * act(decode(encoded, d) + bias)`` (bias zero-padded to the padded width)."""
+def _epilogue(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str, scale: float,
+              tile: int) -> Tensor:
+    """``scale * act(decode(encoded, d) + bias)`` over the padded extent."""
     check_activation(activation)
     return ACTIVATIONS[activation](_decode_affine(encoded, d, bias, tile)) * scale
+
+
+def decode_epilogue_aten(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
+                         scale: float, tile: int, rows: int, cols: int) -> Tensor:
+    """``scale * act(decode(encoded, d) + bias)`` cropped to ``(*b, rows, cols)``."""
+    return _epilogue(encoded, d, bias, activation, scale, tile)[..., :rows, :cols]
 
 
 def decode_act_encode_aten(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tensor,
                            activation: str, scale: float, tile: int, rows: int, cols: int
                            ) -> Tensor:
     """Encode ``scale * act(decode(encoded, d) + bias)`` with ``ex``, padding zeroed."""
-    y = decode_epilogue_aten(encoded, d, bias, activation, scale, tile)
+    y = _epilogue(encoded, d, bias, activation, scale, tile)
     return encode_aten(_mask_padding(y, rows, cols), ex, tile)
 
 
@@ -163,9 +183,11 @@ def decode_glu_encode_aten(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | Non
 
 @torch.library.custom_op("stl::decode_epilogue", mutates_args=())
 def decode_epilogue(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
-                    scale: float, tile: int) -> Tensor:
-    """Decode with a fused epilogue: ``scale * act(decode(encoded, d) + bias)``."""
-    return decode_epilogue_aten(encoded, d, bias, activation, scale, tile).contiguous()
+                    scale: float, tile: int, rows: int, cols: int) -> Tensor:
+    """Decode with a fused epilogue: ``scale * act(decode(encoded, d) + bias)``, cropped."""
+    _check_crop(encoded, tile, rows, cols)
+    return decode_epilogue_aten(encoded, d, bias, activation, scale, tile, rows,
+                                cols).contiguous()
 
 
 @torch.library.custom_op("stl::decode_act_encode", mutates_args=())
@@ -186,8 +208,8 @@ def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up
 
 
 @decode_epilogue.register_fake
-def _decode_epilogue_fake(encoded, d, bias, activation, scale, tile):
-    return _decode_fake(encoded, d, tile)
+def _decode_epilogue_fake(encoded, d, bias, activation, scale, tile, rows, cols):
+    return _decode_fake(encoded, d, tile, rows, cols)
 
 
 @decode_act_encode.register_fake

@@ -118,6 +118,15 @@ def _checked_array(name: str, value: Any, dtype: Any, shape: list) -> np.ndarray
     return np.ascontiguousarray(value)
 
 
+def _has_half_inputs(path: Path) -> bool:
+    try:
+        import onnx
+    except ImportError:
+        return False
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in graph.input)
+
+
 def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None, *,
                 optimization_level: str = "all", optimized_model_path: str | os.PathLike |
                 None = None, intra_op_num_threads: int | None = None,
@@ -165,12 +174,16 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None,
     }[optimization_level]
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
+    # onnxruntime 1.31's CPU NCHWc layout pass crashes the process (segfault) on FP16
+    # MatMul graphs such as ours; it only helps convolutions, so leave it out for them.
+    disabled = ["NchwcTransformer"] if _has_half_inputs(path) else []
+    kwargs = {"providers": list(providers), "disabled_optimizers": disabled}
     if optimized_model_path is None:
-        session = ort.InferenceSession(str(path), options, providers=list(providers))
+        session = ort.InferenceSession(str(path), options, **kwargs)
     else:
         with staged(optimized_model_path) as staging_path:
             options.optimized_model_filepath = str(staging_path)
-            session = ort.InferenceSession(str(path), options, providers=list(providers))
+            session = ort.InferenceSession(str(path), options, **kwargs)
     result = ORTSession(session)
     log.info("ONNX Runtime runs %s with %s", Path(path).name, result.provider)
     return result

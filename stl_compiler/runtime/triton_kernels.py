@@ -60,7 +60,6 @@ def _bias_ok(bias: Tensor | None, operand: Tensor, tile: int) -> bool:
 
 @ops.encode.register_kernel("cuda")
 def _encode_cuda(x: Tensor, basis: Tensor, tile: int) -> Tensor:
-    ops._check_divisible(x, tile, "encode")
     impl = _impl(x, tile, (basis, None),
                  elements=x.numel() * max(1, basis.shape[0] / tile**2))
     if impl is None:
@@ -69,23 +68,26 @@ def _encode_cuda(x: Tensor, basis: Tensor, tile: int) -> Tensor:
 
 
 @ops.decode.register_kernel("cuda")
-def _decode_cuda(encoded: Tensor, basis: Tensor, tile: int) -> Tensor:
+def _decode_cuda(encoded: Tensor, basis: Tensor, tile: int, rows: int, cols: int) -> Tensor:
+    ops._check_crop(encoded, tile, rows, cols)
     impl = _impl(encoded, tile, (basis, encoded.shape[0]),
                  elements=encoded.numel() * max(1, tile**2 / max(1, encoded.shape[0])))
     if impl is None:
-        return ops.decode_aten(encoded, basis, tile).contiguous()
-    return impl.decode(encoded, basis, tile)
+        return ops.decode_aten(encoded, basis, tile, rows, cols).contiguous()
+    return impl.decode(encoded, basis, tile, rows, cols)
 
 
 @ops.decode_epilogue.register_kernel("cuda")
 def _decode_epilogue_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
-                          scale: float, tile: int) -> Tensor:
+                          scale: float, tile: int, rows: int, cols: int) -> Tensor:
     ops.check_activation(activation)
+    ops._check_crop(encoded, tile, rows, cols)
     impl = _impl(encoded, tile, (d, encoded.shape[0]),
                  elements=encoded.numel() * max(1, tile**2 / max(1, encoded.shape[0])))
     if impl is None or not _bias_ok(bias, encoded, tile):
-        return ops.decode_epilogue_aten(encoded, d, bias, activation, scale, tile).contiguous()
-    return impl.decode_epilogue(encoded, d, bias, activation, scale, tile)
+        return ops.decode_epilogue_aten(encoded, d, bias, activation, scale, tile, rows,
+                                        cols).contiguous()
+    return impl.decode_epilogue(encoded, d, bias, activation, scale, tile, rows, cols)
 
 
 @ops.decode_act_encode.register_kernel("cuda")

@@ -79,12 +79,14 @@ def _ref(fn: Callable, *args):
     return fn(*[a.detach().double().cpu() if isinstance(a, torch.Tensor) else a for a in args])
 
 
-# Shapes: tiles per dim that are and are not multiples of the block sizes (BI ≤ 8, BJ = 32),
-# several batch shapes, ranks below / at / between the padded widths 16, 32, 64.
-ENCODE_CASES = [((), 4, 4, 7), ((2,), 36, 164, 24), ((2, 3), 20, 132, 16), ((), 132, 28, 49),
-                ((3,), 68, 260, 40)]
-DECODE_CASES = [((), 1, 1, 7), ((2,), 9, 41, 24), ((2, 3), 5, 33, 16), ((), 33, 7, 49),
-                ((3,), 17, 65, 32)]
+# Shapes: tiles per dim that are and are not multiples of the block sizes (BI ≤ 8, BJ ≤ 128),
+# partial tiles (sizes not multiples of t=4: encode pads them, decode crops them), several
+# batch shapes, ranks below / at / between the padded widths 16, 32, 64.
+ENCODE_CASES = [((), 4, 4, 7), ((2,), 35, 163, 24), ((2, 3), 20, 132, 16), ((), 130, 27, 49),
+                ((2,), 36, 263, 40), ((), 1, 2, 16)]
+#: (batch, tile-rows a, tile-cols c, rank, rows cropped, cols cropped)
+DECODE_CASES = [((), 1, 1, 7, 0, 0), ((2,), 9, 41, 24, 1, 3), ((2, 3), 5, 33, 16, 0, 2),
+                ((), 33, 7, 49, 3, 0), ((2,), 9, 66, 32, 2, 1)]
 
 
 def _encode_case(impl, call, gen, device, dtype, batch, n, k, rank, strided):
@@ -96,14 +98,17 @@ def _encode_case(impl, call, gen, device, dtype, batch, n, k, rank, strided):
     _check(call(impl.encode, ops.encode, x, basis, 4), _ref(ops.encode_aten, x, basis, 4), dtype)
 
 
-def _decode_case(impl, call, gen, device, dtype, batch, a, c, rank, activation, bias_len):
+def _decode_case(impl, call, gen, device, dtype, batch, a, c, rank, crop_rows, crop_cols,
+                 activation, bias_len):
     enc = _rand(gen, rank, *batch, a, c, dtype=dtype, device=device)
     d = _rand(gen, rank, 16, dtype=dtype, device=device)
+    rows, cols = a * 4 - crop_rows, c * 4 - crop_cols
     if activation == "none" and bias_len is None:
-        _check(call(impl.decode, ops.decode, enc, d, 4), _ref(ops.decode_aten, enc, d, 4), dtype)
+        args = (enc, d, 4, rows, cols)
+        _check(call(impl.decode, ops.decode, *args), _ref(ops.decode_aten, *args), dtype)
         return
     bias = None if bias_len is None else _rand(gen, bias_len, dtype=dtype, device=device)
-    args = (enc, d, bias, activation, 0.75, 4)
+    args = (enc, d, bias, activation, 0.75, 4, rows, cols)
     _check(call(impl.decode_epilogue, ops.decode_epilogue, *args),
            _ref(ops.decode_epilogue_aten, *args), dtype)
 
@@ -163,16 +168,20 @@ class _KernelChecks:
     @pytest.mark.parametrize("per_sm", [1, 3])
     def test_looping_programs(self, impl, monkeypatch, per_sm):
         """Fewer programs than blocks: each program loops over blocks, prefetching the next."""
-        for kind in ("encode", "decode"):
+        for kind in ("encode", "decode", "fused"):
             table = {rp: (*config[:3], per_sm) for rp, config in impl.CONFIGS[kind].items()}
             monkeypatch.setitem(impl.CONFIGS, kind, table)
         gen = torch.Generator().manual_seed(per_sm)
         for batch, n, k, rank in ENCODE_CASES[1:3]:
             _encode_case(impl, self.call, gen, self.device, torch.float32, batch, n, k, rank,
                          strided=False)
-        for batch, a, c, rank in DECODE_CASES[1:3]:
+        for batch, a, c, rank, crop_rows, crop_cols in DECODE_CASES[1:3]:
             _decode_case(impl, self.call, gen, self.device, torch.float32, batch, a, c, rank,
-                         "relu", c * 4)
+                         crop_rows, crop_cols, "relu", c * 4)
+            _act_encode_case(impl, self.call, gen, self.device, torch.float32, batch, a, c,
+                             rank, "gelu", 40)
+            _glu_case(impl, self.call, gen, self.device, torch.float32, batch, a, c, rank,
+                      "silu", 16)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
@@ -184,9 +193,9 @@ class _KernelChecks:
     def test_decode_epilogue(self, impl, activation):
         gen = torch.Generator().manual_seed(2)
         for dtype in (torch.float32, torch.bfloat16):
-            _decode_case(impl, self.call, gen, self.device, dtype, (2,), 9, 41, 24,
+            _decode_case(impl, self.call, gen, self.device, dtype, (2,), 9, 41, 24, 1, 2,
                          activation, 41 * 4 - 5)
-        _decode_case(impl, self.call, gen, self.device, torch.float32, (), 6, 35, 49,
+        _decode_case(impl, self.call, gen, self.device, torch.float32, (), 6, 35, 49, 0, 3,
                      activation, None)
 
     @pytest.mark.parametrize("activation", ["none", "gelu", "silu", "sigmoid"])
@@ -250,7 +259,7 @@ class TestCUDA(_KernelChecks):
         monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
         x = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
         basis = torch.randn(24, 16, device="cuda", dtype=torch.bfloat16)
-        ops.decode(ops.encode(x, basis, 4), basis, 4)
+        ops.decode(ops.encode(x, basis, 4), basis, 4, 8, 16)
         assert len(calls) == 2
 
     @pytest.mark.parametrize("name", ["encode", "decode", "decode_epilogue",
@@ -260,10 +269,12 @@ class TestCUDA(_KernelChecks):
         r = lambda *shape: _rand(gen, *shape, dtype=torch.float32, device="cuda")  # noqa: E731
         a, c = 6, 10
         cases = {
-            "encode": (ops.encode, ops.encode_aten, (r(2, a * 4, c * 4), r(24, 16), 4)),
-            "decode": (ops.decode, ops.decode_aten, (r(24, 2, a, c), r(24, 16), 4)),
+            "encode": (ops.encode, ops.encode_aten, (r(2, a * 4 - 1, c * 4 - 3), r(24, 16), 4)),
+            "decode": (ops.decode, ops.decode_aten,
+                       (r(24, 2, a, c), r(24, 16), 4, a * 4 - 2, c * 4 - 1)),
             "decode_epilogue": (ops.decode_epilogue, ops.decode_epilogue_aten,
-                                (r(24, 2, a, c), r(24, 16), r(c * 4 - 2), "gelu", 0.5, 4)),
+                                (r(24, 2, a, c), r(24, 16), r(c * 4 - 2), "gelu", 0.5, 4,
+                                 a * 4, c * 4 - 3)),
             "decode_act_encode": (ops.decode_act_encode, ops.decode_act_encode_aten,
                                   (r(24, 2, a, c), r(24, 16), r(c * 4), r(16, 16), "silu",
                                    0.5, 4, a * 4 - 1, c * 4 - 2)),
