@@ -107,14 +107,15 @@ def rank_row(x: torch.Tensor, w: torch.Tensor, rank: int, gen: torch.Generator,
     yh = torch.bmm(xh, wh)
 
     def ours() -> torch.Tensor:
-        return dec(torch.bmm(enc(x, ex, TILE), wh), d, TILE)
+        return dec(torch.bmm(enc(x, ex, TILE), wh), d, TILE, n, m)
 
     def alg1() -> torch.Tensor:
-        return ops.decode_aten(torch.bmm(ops.encode_aten(x, ex, TILE), wh), d, TILE)
+        return ops.decode_aten(torch.bmm(ops.encode_aten(x, ex, TILE), wh), d, TILE, n, m)
 
     row = {"rank": rank, "alg1_ms": bench(alg1), "ours_ms": bench(ours),
            "ours_graph_ms": bench(graphed(ours)), "bmm_ms": bench(lambda: torch.bmm(xh, wh)),
-           "enc_ms": bench(lambda: enc(x, ex, TILE)), "dec_ms": bench(lambda: dec(yh, d, TILE))}
+           "enc_ms": bench(lambda: enc(x, ex, TILE)),
+           "dec_ms": bench(lambda: dec(yh, d, TILE, n, m))}
     enc_bytes = n * k * x.element_size() * (1 + rank / TILE**2)
     dec_bytes = n * m * x.element_size() * (1 + rank / TILE**2)
     row["enc_gbs"] = enc_bytes / row["enc_ms"] / 1e6

@@ -100,7 +100,7 @@ def _sweep_size(impl, n: int, bandwidth: float) -> list[dict]:
         xh = ops.encode(x, basis, t)
         runs = {"encode": (lambda b=basis: ops.encode(x, b, t), impl._encode_kernel,
                            plain_bytes * (1 + rank / t**2)),
-                "decode": (lambda e=xh, b=basis: ops.decode(e, b, t), impl._decode_kernel,
+                "decode": (lambda e=xh, b=basis: ops.decode(e, b, t, n, n), impl._decode_kernel,
                            plain_bytes * (1 + rank / t**2)),
                 "fused": (lambda e=xh, b=basis: ops.decode_act_encode(e, b, None, b, "gelu", 1.0,
                                                                       t, n, n),
