@@ -18,8 +18,8 @@ The limit of a standalone layer is ``bmm + (bytes(encode) + bytes(decode)) / cop
 with the copy bandwidth measured in the same run; "frac" is limit time / our time.
 
 Usage (on a CUDA machine): ``python benchmarks/bench_layer.py [--ranks 16 24] [--sizes 4096]
-[--no-llm] [--out DIR]``; ``python benchmarks/bench_layer.py --plot RESULTS.json PNG`` draws
-speedup vs rank (no GPU needed).
+[--no-llm] [--repeat 3] [--out DIR]``. No GPU needed: ``--plot RESULTS.json PNG`` draws speedup
+vs rank, ``--markdown RESULTS.json`` prints the table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -127,24 +128,48 @@ def rank_row(x: torch.Tensor, w: torch.Tensor, rank: int, gen: torch.Generator,
     return row
 
 
+def _median_row(rows: list[dict]) -> dict:
+    """One row from repeated measurements: the median of every number (the largest error),
+    and the spread (max - min) / median of ours and of dense."""
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    if "rel_err_vs_alg1" in out:
+        out["rel_err_vs_alg1"] = max(r["rel_err_vs_alg1"] for r in rows)
+    for key in ("ours", "dense"):
+        values = [r[f"{key}_ms"] for r in rows]
+        out[f"{key}_spread"] = (max(values) - min(values)) / out[f"{key}_ms"]
+    out["repeats"] = len(rows)
+    return out
+
+
 def shape_rows(name: str, n: int, k: int, m: int, ranks: tuple[int, ...], bandwidth: float,
-               check: bool) -> list[dict]:
-    """Time every method for one shape ``x (n, k)``, ``W (m, k)``; one dict per rank."""
+               check: bool, repeat: int) -> list[dict]:
+    """Time every method for one shape ``x (n, k)``, ``W (m, k)``; one dict per rank.
+
+    With ``repeat`` > 1 the whole set of measurements runs that many times, interleaved, so
+    slow drifts (clocks, temperature) hit every method alike; rows hold the medians."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, k, device="cuda", dtype=DTYPE, generator=gen)
     w = torch.randn(m, k, device="cuda", dtype=DTYPE, generator=gen) / k**0.5
-    common = {"shape": name, "n": n, "k": k, "m": m, "dense_ms": bench(lambda: F.linear(x, w)),
-              "dense_graph_ms": bench(graphed(lambda: F.linear(x, w)))}
-    w_sparse, common["sparse_kind"] = sparse_2_4(w)
-    common["sparse_ms"] = (bench(lambda: F.linear(x, w_sparse)) if w_sparse is not None
-                           else float("nan"))
-    return [{**common, **rank_row(x, w, rank, gen, bandwidth, check)} for rank in ranks]
+    w_sparse, sparse_kind = sparse_2_4(w)
+    runs = []
+    for _ in range(repeat):
+        common = {"shape": name, "n": n, "k": k, "m": m, "sparse_kind": sparse_kind,
+                  "dense_ms": bench(lambda: F.linear(x, w)),
+                  "dense_graph_ms": bench(graphed(lambda: F.linear(x, w))),
+                  "sparse_ms": (bench(lambda: F.linear(x, w_sparse)) if w_sparse is not None
+                                else float("nan"))}
+        runs.append([{**common, **rank_row(x, w, rank, gen, bandwidth, check)}
+                     for rank in ranks])
+    return [_median_row(list(rows)) for rows in zip(*runs)]
 
 
 def format_table(rows: list[dict]) -> str:
     """The table printed at the end of a run (ms, and x = dense / method)."""
     head = (f"{'shape':<16}{'r':>3} {'dense ms':>9} {'2:4 x':>6} {'alg1 x':>7} {'ours ms':>8} "
-            f"{'ours x':>7} {'graph x':>8} {'bmm x':>6} {'limit x':>8} {'frac':>5} "
+            f"{'±%':>4} {'ours x':>7} {'graph x':>8} {'bmm x':>6} {'limit x':>8} {'frac':>5} "
             f"{'enc GB/s':>9} {'dec GB/s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -153,10 +178,28 @@ def format_table(rows: list[dict]) -> str:
 
         lines.append(
             f"{r['shape']:<16}{r['rank']:>3} {r['dense_ms']:>9.4f} {ratio('sparse_ms'):>6.2f} "
-            f"{ratio('alg1_ms'):>7.2f} {r['ours_ms']:>8.4f} {ratio('ours_ms'):>7.2f} "
+            f"{ratio('alg1_ms'):>7.2f} {r['ours_ms']:>8.4f} {100 * r['ours_spread']:>4.1f} "
+            f"{ratio('ours_ms'):>7.2f} "
             f"{r['dense_graph_ms'] / r['ours_graph_ms']:>8.2f} {ratio('bmm_ms'):>6.2f} "
             f"{ratio('limit_ms'):>8.2f} {r['limit_ms'] / r['ours_ms']:>5.2f} "
             f"{r['enc_gbs']:>9.0f} {r['dec_gbs']:>9.0f}")
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (docs/benchmarks.md): times in ms, x = dense / method."""
+    lines = ["| shape | r | dense ms | 2:4 x | alg1 x | ours ms (±%) | **ours x** | graph x "
+             "| bmm x | limit x | frac | enc GB/s | dec GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = {key: r["dense_ms"] / r[f"{key}_ms"] for key in ("sparse", "alg1", "ours", "bmm",
+                                                              "limit")}
+        lines.append(
+            f"| {r['shape']} | {r['rank']} | {r['dense_ms']:.4f} | {x['sparse']:.2f} | "
+            f"{x['alg1']:.2f} | {r['ours_ms']:.4f} ({100 * r['ours_spread']:.1f}) | "
+            f"**{x['ours']:.2f}** | {r['dense_graph_ms'] / r['ours_graph_ms']:.2f} | "
+            f"{x['bmm']:.2f} | {x['limit']:.2f} | "
+            f"{r['limit_ms'] / r['ours_ms']:.2f} | {r['enc_gbs']:.0f} | {r['dec_gbs']:.0f} |")
     return "\n".join(lines)
 
 
@@ -169,11 +212,12 @@ def environment() -> dict:
             "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": os.environ.get("STL_COMMIT", "unknown")}
+            "commit": os.environ.get("STL_COMMIT", "unknown"),
+            "command": " ".join(["python3", *sys.argv])}
 
 
 def run(ranks: tuple[int, ...], sizes: tuple[int, ...], llm: bool, out_dir: Path | None,
-        check: bool = True) -> dict:
+        check: bool = True, repeat: int = 1) -> dict:
     """Run the whole benchmark; print the table; write ``layer_bench.json`` into ``out_dir``."""
     env = environment()
     print(f"device {env['device']} | torch {env['torch']} | triton {env['triton']} | "
@@ -185,11 +229,12 @@ def run(ranks: tuple[int, ...], sizes: tuple[int, ...], llm: bool, out_dir: Path
     rows: list[dict] = []
     print(format_table(rows), flush=True)
     for name, n, k, m in shapes:
-        new = shape_rows(name, n, k, m, ranks, env["copy_bandwidth_gbs"] * 1e9, check)
+        new = shape_rows(name, n, k, m, ranks, env["copy_bandwidth_gbs"] * 1e9, check, repeat)
         print("\n".join(format_table(new).splitlines()[2:]), flush=True)
         rows += new
         torch.cuda.empty_cache()
-    result = {"environment": env, "tile": TILE, "dtype": str(DTYPE), "rows": rows}
+    result = {"environment": env, "tile": TILE, "dtype": str(DTYPE), "repeat": repeat,
+              "rows": rows}
     print(format_table(rows))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,15 +278,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SQUARE))
     parser.add_argument("--no-llm", action="store_true", help="skip the LLM shapes")
     parser.add_argument("--no-check", action="store_true", help="skip ours-vs-alg1 check")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repeat every measurement, interleaved; report medians and spread")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     parser.add_argument("--plot", nargs=2, type=Path, metavar=("RESULTS_JSON", "PNG"))
+    parser.add_argument("--markdown", type=Path, metavar="RESULTS_JSON",
+                        help="print a results file as a Markdown table")
     args = parser.parse_args(argv)
     if args.plot:
         plot(*args.plot)
         return
+    if args.markdown:
+        print(markdown_table(json.loads(args.markdown.read_text())["rows"]))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_layer needs a CUDA GPU")
-    run(tuple(args.ranks), tuple(args.sizes), not args.no_llm, args.out, not args.no_check)
+    run(tuple(args.ranks), tuple(args.sizes), not args.no_llm, args.out, not args.no_check,
+        args.repeat)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,21 @@ Steps (each can be skipped), results written under ``$OUT`` (or ``--out``):
    block shape that does best over the sizes (``sweep.json``; ``--apply-sweep`` benches
    with it);
 3. ``bmm``: the batched GEMM with the encoded weight in either layout (``bmm_layouts.json``);
-4. ``bench``: ``benchmarks/bench_layer.py`` (``layer_bench.json``).
+4. ``--ncu``: Nsight Compute on one launch of each kernel at n=8192, r=24 (``ncu.txt``);
+5. ``bench``: ``benchmarks/bench_layer.py`` (``layer_bench.json``).
 
-Usage: ``STL_COMMIT=$(git rev-parse HEAD) python benchmarks/gpu_check.py [--skip tests sweep]
-[--bench-args "--ranks 24"]``.
+Usage: ``STL_COMMIT=$(git rev-parse HEAD) python benchmarks/gpu_check.py [--skip sweep bmm]
+[--ncu] [--bench-args="--repeat 3"]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -36,28 +39,15 @@ import bench_layer  # noqa: E402  (after the path fix above)
 
 from stl_compiler.runtime import ops, triton_kernels  # noqa: E402
 
-#: Block shapes tried per kernel and padded rank: (BI, BJ, num_warps, programs per SM), 0
-#: programs per SM meaning one program per block (see _triton_impl.CONFIGS); candidates from
-#: the earlier sweeps in docs/kernel_notes.md.
+#: Launch shapes tried per kernel and padded rank: (BI, BJ, num_warps, programs per SM,
+#: register cap), as in _triton_impl.CONFIGS. The earlier sweeps (docs/kernel_notes.md) fixed
+#: the block shapes; this one tries register caps on the r=24 kernels, whose occupancy ncu
+#: showed limited by registers.
 SWEEP = {
-    "encode": {
-        16: [(4, 64, 4, 4), (8, 32, 4, 4), (8, 32, 4, 0), (8, 64, 8, 2), (4, 64, 4, 8),
-             (4, 64, 4, 0)],
-        32: [(4, 64, 4, 4), (8, 32, 4, 4), (2, 64, 4, 0), (4, 32, 4, 0), (8, 64, 8, 2),
-             (4, 64, 4, 8)],
-        64: [(2, 64, 4, 4), (4, 32, 4, 4), (2, 64, 4, 0), (2, 64, 4, 8), (2, 64, 8, 4),
-             (4, 64, 8, 4)],
-    },
-    "decode": {
-        16: [(4, 64, 4, 4), (8, 32, 4, 4), (8, 64, 8, 2), (8, 32, 4, 0), (4, 64, 4, 8),
-             (4, 64, 4, 0)],
-        32: [(4, 64, 8, 4), (2, 64, 4, 8), (4, 64, 4, 4), (8, 64, 8, 2), (2, 64, 4, 0),
-             (4, 64, 4, 8)],
-        64: [(2, 64, 4, 4), (4, 32, 4, 4), (2, 32, 4, 8), (2, 64, 4, 8), (2, 64, 4, 0),
-             (4, 64, 8, 4)],
-    },
-    "fused": {32: [(1, 128, 4, 0), (2, 64, 4, 0), (1, 128, 4, 4), (2, 64, 4, 4), (2, 64, 4, 8),
-                   (1, 256, 8, 2)]},
+    "encode": {32: [(4, 64, 4, 8, 0), (4, 64, 4, 8, 96), (4, 64, 4, 8, 80), (4, 64, 4, 8, 64),
+                    (4, 64, 4, 4, 80), (8, 32, 4, 8, 80), (4, 64, 4, 16, 64)]},
+    "decode": {32: [(2, 64, 4, 8, 0), (4, 64, 4, 4, 0), (4, 64, 4, 8, 80)]},
+    "fused": {32: [(1, 128, 4, 4, 0), (1, 128, 4, 4, 80), (1, 128, 4, 8, 64), (1, 64, 4, 8, 0)]},
 }
 #: Square sizes each candidate is timed at; the winner has the best mean of (fastest time at
 #: that size / its time), so one config serves small and large layers.
@@ -78,18 +68,22 @@ def run_tests(out: Path, timeout: int) -> None:
     print(f"tests ({time.time() - start:.0f}s):", log.strip().splitlines()[-1], flush=True)
 
 
-def _last_compiled(kernel) -> dict:
-    """Registers, spills and shared memory of the kernel's most recently compiled variant."""
-    for cache in kernel.device_caches.values():
-        compiled = list(cache[0].values())
-        if compiled:
-            last = compiled[-1]
-            return {"regs": last.n_regs, "spills": last.n_spills, "shared": last.metadata.shared}
-    return {}
+def _compiled(kernel) -> dict:
+    """The compiled variants of a Triton kernel, by cache key."""
+    return {key: binary for cache in kernel.device_caches.values()
+            for key, binary in cache[0].items()}
 
 
-def _sweep_size(impl, n: int, bandwidth: float) -> list[dict]:
-    """Time every candidate of every kernel at ``x (n, n)`` bf16, ranks 24, 16 and 49."""
+def _resources(binary) -> dict:
+    """Registers per thread, spills and shared memory of one compiled variant."""
+    return {"regs": binary.n_regs, "spills": binary.n_spills, "shared": binary.metadata.shared}
+
+
+def _sweep_size(impl, n: int, bandwidth: float, resources: dict) -> list[dict]:
+    """Time every candidate of every kernel at ``x (n, n)`` bf16, ranks 24, 16 and 49.
+
+    ``resources`` maps (kernel, rank, config) to the compiled variant's registers, spills and
+    shared memory, filled when a config compiles (at the first size)."""
     t = 4
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     plain_bytes = x.numel() * x.element_size()
@@ -109,8 +103,12 @@ def _sweep_size(impl, n: int, bandwidth: float) -> list[dict]:
             default = impl.CONFIGS[kind][rp]
             for config in SWEEP[kind].get(rp, []):
                 impl.CONFIGS[kind][rp] = config
+                before = _compiled(kernel)
                 fn()
-                info = _last_compiled(kernel)
+                new = [b for key, b in _compiled(kernel).items() if key not in before]
+                if new:
+                    resources[(kind, rank, config)] = _resources(new[-1])
+                info = resources.get((kind, rank, config), {})
                 ms = bench_layer.bench(fn, rep=100)
                 gbs = nbytes / ms / 1e6
                 rows.append({"kernel": kind, "rank": rank, "n": n, "config": config, "ms": ms,
@@ -146,12 +144,13 @@ def sweep(out: Path, budget_s: float, apply: bool) -> None:
     bandwidth = bench_layer.copy_bandwidth()
     print(f"sweep: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     deadline = time.time() + budget_s
-    rows = []
+    rows: list[dict] = []
+    resources: dict = {}
     for n in SWEEP_SIZES:
         if time.time() > deadline:
             print(f"  sweep budget spent: sizes from n={n} skipped", flush=True)
             break
-        rows += _sweep_size(impl, n, bandwidth)
+        rows += _sweep_size(impl, n, bandwidth, resources)
         torch.cuda.empty_cache()
     winners = _winners(impl, rows)
     for (kind, rp), win in sorted(winners.items()):
@@ -182,6 +181,44 @@ def bmm_layouts(out: Path, rank: int) -> None:
     (out / "bmm_layouts.json").write_text(json.dumps(rows, indent=1))
 
 
+def profile_target(n: int, rank: int) -> None:
+    """Launch encode, decode and decode_act_encode once each at ``(n, n)`` bf16 (under ncu)."""
+    t = 4
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    basis = torch.randn(rank, t * t, device="cuda", dtype=x.dtype) / t
+    xh = ops.encode(x, basis, t)
+    ops.decode(xh, basis, t, n, n)
+    ops.decode_act_encode(xh, basis, None, basis, "gelu", 1.0, t, n, n)
+    torch.cuda.synchronize()
+
+
+NCU_METRICS = ("Duration", "DRAM Throughput", "Memory Throughput", "Compute (SM) Throughput",
+               "Registers Per Thread", "Achieved Occupancy", "Theoretical Occupancy",
+               "Block Limit Registers", "Block Limit Shared Mem")
+
+
+def run_ncu(out: Path, n: int, rank: int, timeout: int) -> None:
+    """Nsight Compute on one launch of each kernel (clocks left as they are)."""
+    candidates = [shutil.which("ncu"), *sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))]
+    ncu = next((c for c in candidates if c), None)
+    if ncu is None:
+        print("ncu: not found", flush=True)
+        return
+    kernels = "regex:^(_encode_kernel|_decode_kernel|_decode_act_encode_kernel)$"
+    cmd = [ncu, "--clock-control", "none", "--section", "SpeedOfLight", "--section",
+           "Occupancy", "--section", "LaunchStats", "-k", kernels, sys.executable, __file__,
+           "--profile-target", str(n), str(rank)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        log = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        log = f"TIMEOUT after {timeout}s\n{err.stdout or ''}"
+    (out / "ncu.txt").write_text(log)
+    for line in log.splitlines():
+        if "_kernel" in line or any(line.strip().startswith(m) for m in NCU_METRICS):
+            print("  ncu", line.strip(), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
@@ -192,7 +229,13 @@ def main() -> None:
     parser.add_argument("--apply-sweep", action="store_true",
                         help="bench with the fastest block shape of each kernel from the sweep")
     parser.add_argument("--bench-args", default="", help="extra bench_layer.py arguments")
+    parser.add_argument("--ncu", action="store_true", help="profile the kernels with ncu")
+    parser.add_argument("--profile-target", nargs=2, type=int, metavar=("N", "RANK"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile_target:
+        profile_target(*args.profile_target)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         sys.exit("gpu_check needs a CUDA GPU")
@@ -202,6 +245,8 @@ def main() -> None:
         run_tests(args.out, args.test_timeout)
     if "sweep" not in args.skip:
         sweep(args.out, args.sweep_budget, args.apply_sweep)
+    if args.ncu:
+        run_ncu(args.out, 8192, 24, 180)
     if "bmm" not in args.skip:
         bmm_layouts(args.out, 24)
     if "bench" not in args.skip:

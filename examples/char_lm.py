@@ -1,6 +1,6 @@
 """A character-level causal LM on Python's standard library sources: dense vs STL.
 
-    .venv/bin/python examples/char_lm.py [--ranks 16 24 32 40 49] [--steps 1500]
+    .venv/bin/python examples/char_lm.py [--ranks 16 24 32 40 49] [--steps 1000]
 
 Every STL layer uses ``row_grouping="batch"``: a tile's rows are the same position of 4
 different sequences, so no token ever sees another position of its own sequence (with
@@ -65,7 +65,7 @@ class CharLM(nn.Module):
 
 def main() -> None:
     args = parse_args(__doc__, "examples/char_lm.json")
-    steps = args.steps or 1500
+    steps = args.steps or 1000
     text = load_text()
     split = int(0.9 * len(text))
     train_text, val_text = text[:split], text[split:]

@@ -32,9 +32,14 @@ def run_batch(module: nn.Module, batch: object) -> object:
     return module(batch)
 
 
+def _fmt(value: float | None) -> str:
+    return "not called" if value is None else f"{value:.4f}"
+
+
 @dataclass
 class CalibrationTable:
-    """Per-layer relative output error ``‖y − y_dense‖ / ‖y_dense‖`` before and after."""
+    """Per-layer relative output error ``‖y − y_dense‖ / ‖y_dense‖`` before and after
+    (``None`` for a layer the calibration batches never call)."""
 
     rows: list[dict]
 
@@ -44,8 +49,8 @@ class CalibrationTable:
     def __str__(self) -> str:
         width = max([len("layer")] + [len(r["layer"]) for r in self.rows])
         lines = [f"{'layer':<{width}}  rank  error before  error after"]
-        lines += [f"{r['layer']:<{width}}  {r['rank']:>4}  {r['error_before']:>12.4f}  "
-                  f"{r['error_after']:>11.4f}" for r in self.rows]
+        lines += [f"{r['layer']:<{width}}  {r['rank']:>4}  {_fmt(r['error_before']):>12}  "
+                  f"{_fmt(r['error_after']):>11}" for r in self.rows]
         return "\n".join(lines)
 
 
@@ -90,13 +95,14 @@ class _LayerData:
             npad = round_up(n, t)
             xt.append(pad_last2(rows, npad, kp).reshape(-1, npad, kp))
             yt.append(to_tiles(pad_last2(target, npad, mp), t).reshape(-1, mp // t, t * t))
-            counts = (n - torch.arange(0, npad, t)).clamp(max=t)
+            counts = (n - torch.arange(0, npad, t, device=x.device)).clamp(max=t)
             valid.append(counts.repeat(xt[-1].shape[0]))
         self.x_rows = xt                                  # (B, npad, kp) per input
         self.y_tiles = torch.cat(yt)                      # (N, Mt, t²): dense output − own bias
         self.valid = torch.cat(valid)                     # (N,) real rows per row tile
         # mask[i, c]: entry c = a*t + b of row tile i is a real row (a < valid[i])
-        self.mask = (torch.arange(t * t) // t)[None, :] < self.valid[:, None]
+        self.mask = (torch.arange(t * t, device=self.valid.device) // t)[None, :] \
+            < self.valid[:, None]
 
     def encoded(self, ex: Tensor, tile: int) -> Tensor:
         """``(r, N, Kt)``: the layer's own stl::encode of every row tile."""
@@ -114,14 +120,14 @@ def _rel_error(layer: STLLinear, data: _LayerData) -> float:
 
 def _ridge_solve(gram: Tensor, rhs: Tensor, ridge: float = 1e-8) -> Tensor:
     scale = float(gram.diagonal().mean().clamp_min(1e-300))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + ridge * scale * eye, rhs)
 
 
 def _solve_weight(xh: Tensor, d: Tensor, data: _LayerData) -> Tensor:
     """Least-squares encoded weight ``(r, Kt, Mt)`` given encoded inputs and decoder."""
     r, _, kt = xh.shape
-    gram = torch.zeros(r * kt, r * kt, dtype=torch.float64)
+    gram = xh.new_zeros(r * kt, r * kt)
     for v in data.valid.unique().tolist():
         sel = data.valid == v
         h = xh[:, sel].permute(1, 0, 2).reshape(-1, r * kt)          # (Nv, r·Kt)
@@ -135,7 +141,7 @@ def _solve_weight(xh: Tensor, d: Tensor, data: _LayerData) -> Tensor:
 def _solve_decoder(xh: Tensor, wh: Tensor, data: _LayerData, tile: int) -> Tensor:
     """Least-squares decoder ``(r, t²)`` given encoded inputs and weight."""
     z = torch.bmm(xh, wh)                                             # (r, N, Mt)
-    out = torch.empty(z.shape[0], tile * tile, dtype=torch.float64)
+    out = z.new_empty(z.shape[0], tile * tile)
     grams = {v: torch.einsum("pnj,qnj->pq", z[:, data.valid == v], z[:, data.valid == v])
              for v in data.valid.unique().tolist()}
     for c in range(tile * tile):
@@ -233,6 +239,10 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
     try:
         for name, layer in _forward_order(module, layers, batches):
             inputs = _capture(module, layer, batches)
+            if not inputs:  # e.g. a branch the calibration batches never take
+                rows.append({"layer": name, "rank": layer.rank, "error_before": None,
+                             "error_after": None})
+                continue
             data = _LayerData(layer, inputs, *refs[name])
             bar = Progress(max(steps, 1), f"calibrate {name}", progress)
             before, after = _calibrate_layer(name, layer, data, steps, bar)

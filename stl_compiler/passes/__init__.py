@@ -13,7 +13,7 @@ from torch import fx
 
 from .context import PassContext
 from .decompose_sdpa import decompose_sdpa
-from .fuse_elementwise import fuse_elementwise
+from .fuse_decode_encode import fuse_decode_encode
 from .lower_sites import lower_sites
 from .record_site_io import record_site_io
 from .rewrite_linear import rewrite_linear
@@ -28,7 +28,7 @@ PASSES: list[Pass] = [
     rewrite_linear,
     rewrite_matmul,
     lower_sites,
-    fuse_elementwise,
+    fuse_decode_encode,
 ]
 
 

@@ -107,6 +107,10 @@ def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node
             b = gm.graph.call_function(aten.transpose.int, (b, -2, -1))
         new = gm.graph.call_module(name, (a, b))
     new.meta.update(node.meta)
+    # the lowered nodes of this site must be attributed to it, not to its parent module
+    stack = dict(node.meta.get("nn_module_stack") or {})
+    stack[f"stl_site_{name}"] = (name, f"{STLMatmul.__module__}.{STLMatmul.__qualname__}")
+    new.meta["nn_module_stack"] = stack
     row.converted, row.tile, row.rank, row.basis = True, spec.tile, spec.rank, spec.basis.name
     row.stl_flops = batch * stl_flops(n, k, m, spec.tile, spec.rank, encode_w=True)
     row.rel_error = _measure(ctx, module, node, transposed)

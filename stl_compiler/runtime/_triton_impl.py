@@ -5,9 +5,12 @@ the basis on the tensor cores (``tl.dot``, fp32 accumulation) and writes its out
 The tile ↔ vector reshapes happen in registers, so no separate permute / copy pass exists.
 
 Layouts (see :mod:`.ops`): a plain tensor is ``(B, rows, cols)`` (any strides), an encoded
-one is ``(r, B, rows/t, cols/t)`` (any strides; launchers write contiguous outputs). Leading
-batch dims are flattened by the launchers. A program owns ``BI × BJ`` tiles of one batch
-entry; masks cover the block remainders, so rows/cols only need to be multiples of t.
+one is ``(r, B, ⌈rows/t⌉, ⌈cols/t⌉)`` (any strides; launchers write contiguous outputs).
+Leading batch dims are flattened by the launchers. A block is ``BI × BJ`` tiles of one batch
+entry; masks cover block remainders and partial tiles (encode reads zeros past the edge,
+decode never writes the padding, the fused kernels zero it before re-encoding). Programs loop
+over blocks (``CONFIGS``: a fixed number per multiprocessor) and load the next block before
+working on the current one, so two blocks of reads are in flight per program.
 
 The launchers work on CUDA tensors, and on CPU tensors when the module was imported under
 ``TRITON_INTERPRET=1`` (the CI check in ``tests/runtime/test_triton_kernels.py``).
@@ -37,15 +40,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # operands are upcast to fp32 first (exact for bf16, and the dot accumulates in fp32 anyway).
 _UPCAST_DOT = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
-#: Block shapes per kernel kind and padded rank: (BI, BJ, num_warps, programs per SM), 0
-#: programs per SM meaning one program per block. BI*BJ tiles are one ``tl.dot`` M dimension;
-#: BJ*t*elem_size bytes is the contiguous row segment a program reads (or writes) of the plain
-#: tensor. "fused" (decode_act_encode, decode_glu_encode) is keyed by the largest padded rank
-#: involved. Chosen by the sweep of benchmarks/gpu_check.py on an H200 (docs/kernel_notes.md).
+#: Launch shapes per kernel kind and padded rank: (BI, BJ, num_warps, programs per SM,
+#: register cap). BI*BJ tiles are one ``tl.dot`` M dimension; BJ*t*elem_size bytes is the
+#: contiguous row segment a program reads (or writes) of the plain tensor; 0 programs per SM
+#: means one program per block; a register cap of 0 leaves registers to the compiler (a cap
+#: trades spills for occupancy, i.e. bytes in flight). "fused" (decode_act_encode,
+#: decode_glu_encode) is keyed by the largest padded rank involved. Chosen by the sweeps of
+#: benchmarks/gpu_check.py on an H200 (docs/kernel_notes.md).
 CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
-    "encode": {16: (8, 32, 4, 0), 32: (2, 64, 4, 0), 64: (2, 32, 4, 0)},
-    "decode": {16: (8, 64, 8, 0), 32: (2, 64, 4, 0), 64: (2, 64, 4, 0)},
-    "fused": {16: (2, 64, 4, 0), 32: (1, 128, 4, 0), 64: (2, 32, 4, 0)},
+    "encode": {16: (4, 64, 4, 4, 0), 32: (4, 64, 4, 8, 0), 64: (2, 64, 4, 4, 0)},
+    "decode": {16: (4, 64, 4, 0, 0), 32: (2, 64, 4, 8, 0), 64: (2, 64, 4, 4, 0)},
+    "fused": {16: (1, 128, 4, 4, 0), 32: (1, 128, 4, 4, 0), 64: (1, 128, 4, 4, 0)},
 }
 
 
@@ -375,13 +380,14 @@ def encode(x: Tensor, basis: Tensor, tile: int) -> Tensor:
         return out
     x3 = _flat_plain(x)
     rp = padded_rank(rank)
-    bi, bj, warps, per_sm = CONFIGS["encode"][rp]
+    bi, bj, warps, per_sm, maxnreg = CONFIGS["encode"][rp]
     n_blocks, n_bi, n_bj = _blocks(x3.shape[0], nt, kt, bi, bj)
     programs = _programs(n_blocks, per_sm, x.device)
     _encode_kernel[(programs,)](
         x3, _basis(basis), out, rank, n, k, nt, kt, n_bi, n_bj, n_blocks,
         *x3.stride(), out.stride(0), nt * kt,
-        T=tile, RP=rp, BI=bi, BJ=bj, IEEE=x.dtype == torch.float32, num_warps=warps)
+        T=tile, RP=rp, BI=bi, BJ=bj, IEEE=x.dtype == torch.float32, num_warps=warps,
+        maxnreg=maxnreg or None)
     return out
 
 
@@ -398,7 +404,7 @@ def decode_epilogue(encoded: Tensor, d: Tensor, bias: Tensor | None, activation:
         return out
     e4 = _flat_encoded(encoded)
     rp = padded_rank(rank)
-    bi, bj, warps, per_sm = CONFIGS["decode"][rp]
+    bi, bj, warps, per_sm, maxnreg = CONFIGS["decode"][rp]
     n_blocks, n_bi, n_bj = _blocks(e4.shape[1], at, ct, bi, bj)
     programs = _programs(n_blocks, per_sm, encoded.device)
     bias_arg = bias.contiguous() if bias is not None else out
@@ -406,7 +412,7 @@ def decode_epilogue(encoded: Tensor, d: Tensor, bias: Tensor | None, activation:
         e4, _basis(d), bias_arg, out, rank, at, ct, rows, cols, n_bi, n_bj, n_blocks,
         bias.shape[-1] if bias is not None else 0, float(scale), *e4.stride(),
         T=tile, RP=rp, BI=bi, BJ=bj, ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None,
-        IEEE=encoded.dtype == torch.float32, num_warps=warps)
+        IEEE=encoded.dtype == torch.float32, num_warps=warps, maxnreg=maxnreg or None)
     return out
 
 
@@ -432,7 +438,7 @@ def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tenso
     if out.numel() == 0:
         return out
     e4 = _flat_encoded(encoded)
-    bi, bj, warps, per_sm = _fused_config(rank, rank2)
+    bi, bj, warps, per_sm, maxnreg = _fused_config(rank, rank2)
     n_blocks, n_bi, n_bj = _blocks(e4.shape[1], at, ct, bi, bj)
     bias_arg = bias.contiguous() if bias is not None else out
     _decode_act_encode_kernel[(_programs(n_blocks, per_sm, encoded.device),)](
@@ -441,7 +447,7 @@ def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tenso
         *e4.stride(), out.stride(0), at * ct,
         T=tile, RP=padded_rank(rank), RP2=padded_rank(rank2), BI=bi, BJ=bj,
         ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None,
-        IEEE=encoded.dtype == torch.float32, num_warps=warps)
+        IEEE=encoded.dtype == torch.float32, num_warps=warps, maxnreg=maxnreg or None)
     return out
 
 
@@ -455,7 +461,7 @@ def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up
     if out.numel() == 0:
         return out
     g4, u4 = _flat_encoded(gate), _flat_encoded(up)
-    bi, bj, warps, per_sm = _fused_config(rank, rank_up, rank2)
+    bi, bj, warps, per_sm, maxnreg = _fused_config(rank, rank_up, rank2)
     n_blocks, n_bi, n_bj = _blocks(g4.shape[1], at, ct, bi, bj)
     _decode_glu_encode_kernel[(_programs(n_blocks, per_sm, gate.device),)](
         g4, _basis(gate_d), gate_bias.contiguous() if gate_bias is not None else out,
@@ -466,5 +472,6 @@ def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up
         *g4.stride(), *u4.stride(), out.stride(0), at * ct,
         T=tile, RP=padded_rank(rank), RPU=padded_rank(rank_up), RP2=padded_rank(rank2),
         BI=bi, BJ=bj, ACT=ACTIVATION_CODES[activation], HAS_GATE_BIAS=gate_bias is not None,
-        HAS_UP_BIAS=up_bias is not None, IEEE=gate.dtype == torch.float32, num_warps=warps)
+        HAS_UP_BIAS=up_bias is not None, IEEE=gate.dtype == torch.float32, num_warps=warps,
+        maxnreg=maxnreg or None)
     return out

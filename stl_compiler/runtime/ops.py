@@ -143,7 +143,7 @@ def _decode_affine(encoded: Tensor, d: Tensor, bias: Tensor | None, tile: int) -
 
 def _mask_padding(y: Tensor, rows: int, cols: int) -> Tensor:
     """Zero the padded rows/cols: the next encode must see zeros there, as unfused it would."""
-    if rows == y.shape[-2] and cols == y.shape[-1]:
+    if type(rows) is int and type(cols) is int and (rows, cols) == tuple(y.shape[-2:]):
         return y
     keep_rows = torch.arange(y.shape[-2], device=y.device) < rows
     keep_cols = torch.arange(y.shape[-1], device=y.device) < cols
@@ -262,12 +262,49 @@ DECOMPOSITIONS.update({
 })
 
 
-def reencode(encoded: Tensor, d: Tensor, ex: Tensor, scale: float = 1.0) -> Tensor:
-    """``encode(scale * decode(encoded, d), ex)`` without decoding (paper Alg. 2).
+# ---------------------------------------------------------------------------------------------
+# Algebraic fusion (paper Alg. 2): decode then encode of the same tile is one (r, r') matrix.
 
-    Decode then encode of the same tile is the ``(r, r_next)`` matrix ``d @ ex.T``; valid
-    only when no padded row/col must be re-zeroed in between. Plain aten ops: export and
-    Inductor see a small matmul, which constant-folds for fixed bases.
+
+def reencode_aten(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tensor, scale: float,
+                  tile: int, rows: int, cols: int) -> Tensor:
+    """``encode(scale * (decode(encoded, d) + bias), ex)`` with padding re-zeroed, computed
+    without decoding: ``(d @ ex.T)`` on the rank dim plus the encoded bias (one ``(r', c)``
+    table). Only the last row and column tile strips, where padding must be re-zeroed, are
+    decoded and re-encoded exactly: 1/a of the tensor, never the whole activation.
     """
-    matrix = (d @ ex.t()).to(encoded.dtype) * scale
-    return torch.tensordot(matrix, encoded, dims=([0], [0]))
+    t, rank_out = tile, ex.shape[0]
+    a, c = encoded.shape[-2], encoded.shape[-1]
+    matrix = (d.to(encoded.dtype) @ ex.to(encoded.dtype).t()) * scale
+    out = torch.tensordot(matrix, encoded, dims=([0], [0]))
+    if bias is not None:
+        bias_tiles = torch.nn.functional.pad(bias.to(encoded.dtype), (0, c * t - bias.shape[0]))
+        code = ex.to(encoded.dtype).reshape(rank_out, t, t).sum(1) @ bias_tiles.reshape(c, t).t()
+        out = out + scale * code.reshape(rank_out, *[1] * (out.dim() - 2), c)
+    if not (type(rows) is int and type(a) is int and rows == a * t):
+        strip = decode_act_encode_aten(encoded[..., -1:, :], d, bias, ex, "none", scale, t,
+                                       rows - (a - 1) * t, cols)
+        out = torch.cat([out[..., :-1, :], strip], dim=-2)
+    if not (type(cols) is int and type(c) is int and cols == c * t):
+        last = None if bias is None else bias[(c - 1) * t:]
+        strip = decode_act_encode_aten(encoded[..., :, -1:], d, last, ex, "none", scale, t,
+                                       rows, cols - (c - 1) * t)
+        out = torch.cat([out[..., :, :-1], strip], dim=-1)
+    return out
+
+
+@torch.library.custom_op("stl::reencode", mutates_args=())
+def reencode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tensor, scale: float,
+             tile: int, rows: int, cols: int) -> Tensor:
+    """Algebraically fused decode → (bias, scale) → encode; see :func:`reencode_aten`."""
+    _check_crop(encoded, tile, rows, cols)
+    return reencode_aten(encoded, d, bias, ex, scale, tile, rows, cols).contiguous()
+
+
+@reencode.register_fake
+def _reencode_fake(encoded, d, bias, ex, scale, tile, rows, cols):
+    return encoded.new_empty((ex.shape[0], *encoded.shape[1:]))
+
+
+_register_recompute_autograd(reencode, reencode_aten)
+DECOMPOSITIONS[torch.ops.stl.reencode.default] = reencode_aten

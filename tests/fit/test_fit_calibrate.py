@@ -89,3 +89,16 @@ def test_calibrate_uses_the_teacher_and_explains_missing_references():
         calibrate(dense, _batches(), progress=False)
     with pytest.raises(ValueError, match="empty"):
         calibrate(model, [], teacher=dense, progress=False)
+
+
+def test_calibrate_reports_layers_the_batches_never_call():
+    torch.manual_seed(4)
+    model = nn.ModuleDict({"used": nn.Linear(16, 16), "unused": nn.Linear(16, 16)})
+    stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=8), keep_reference=True)
+    wrapper = nn.Sequential(model["used"])
+    wrapper.add_module("unused", model["unused"])  # registered, never called by forward
+    wrapper.forward = lambda x: model["used"](x)
+    table = calibrate(wrapper, [torch.randn(8, 16)], steps=0, progress=False)
+    rows = {r["layer"]: r for r in table.rows}
+    assert rows["unused"]["error_after"] is None and "not called" in str(table)
+    assert rows["0"]["error_after"] < rows["0"]["error_before"]

@@ -169,7 +169,8 @@ class _KernelChecks:
     def test_looping_programs(self, impl, monkeypatch, per_sm):
         """Fewer programs than blocks: each program loops over blocks, prefetching the next."""
         for kind in ("encode", "decode", "fused"):
-            table = {rp: (*config[:3], per_sm) for rp, config in impl.CONFIGS[kind].items()}
+            table = {rp: (*config[:3], per_sm, *config[4:])
+                     for rp, config in impl.CONFIGS[kind].items()}
             monkeypatch.setitem(impl.CONFIGS, kind, table)
         gen = torch.Generator().manual_seed(per_sm)
         for batch, n, k, rank in ENCODE_CASES[1:3]:
