@@ -120,7 +120,7 @@ class STLLinear(nn.Module):
         encoded = encode(rows, self.ex, self.tile)
         flat = encoded.reshape(self.rank, -1, encoded.shape[-1])
         product = torch.bmm(flat, self.weight_encoded)
-        product = product.reshape(*encoded.shape[:-1], product.shape[-1])
+        product = product.reshape(self.rank, *rows.shape[:-2], -1, product.shape[-1])
         y = decode(product, self.d, self.tile, rows.shape[-2], self.out_features)
         y = ungroup_rows(y, x, self.row_grouping)
         if self.bias is not None:

@@ -44,7 +44,8 @@ def export_program(module: Any, example_inputs: Any, *,
                    example_kwargs: dict[str, Any] | None = None,
                    dynamic_shapes: Any = "auto",
                    dtype: torch.dtype | None = None) -> torch.export.ExportedProgram:
-    """``torch.export`` ``module`` (eval mode) and decompose its STL ops into plain aten.
+    """``torch.export`` ``module`` (eval mode) and decompose its STL ops into plain aten;
+    a RuntimeError names any other custom op left in the graph.
 
     Args:
         module: an ``nn.Module`` (e.g. converted with ``swap_linears_``) or the output of
@@ -68,7 +69,15 @@ def export_program(module: Any, example_inputs: Any, *,
     with _eval_mode(module):
         program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes,
                                       strict=False)
-    return program.run_decompositions(DECOMPOSITIONS)
+    program = program.run_decompositions(DECOMPOSITIONS)
+    custom = sorted({str(node.target) for node in program.graph.nodes
+                     if isinstance(node.target, torch._ops.OpOverload)
+                     and node.target.namespace not in ("aten", "prims")})
+    if custom:
+        raise RuntimeError(f"{type(module).__name__} uses ops with no aten decomposition: "
+                           f"{custom}; ONNX, TensorRT and AOTInductor need plain aten. "
+                           "Register one in stl_compiler.runtime.DECOMPOSITIONS")
+    return program
 
 
 @contextlib.contextmanager
@@ -88,8 +97,10 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def _warn_size_one_dims(args: tuple, kwargs: dict[str, Any]) -> None:
+    """Batch (dim 0) and sequence (dim 1 of rank-2/3 inputs) dims of size 1 get fixed."""
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-    if any(isinstance(v, torch.Tensor) and 1 in v.shape[:2] for v in leaves):
+    if any(isinstance(v, torch.Tensor) and v.dim() and
+           1 in v.shape[:2 if v.dim() in (2, 3) else 1] for v in leaves):
         warnings.warn("an example input has a batch or sequence dim of size 1: torch.export "
                       "fixes such dims to 1 in the exported model. Export with sizes >= 2 to "
-                      "keep them dynamic.", stacklevel=3)
+                      "keep them dynamic.", stacklevel=4)

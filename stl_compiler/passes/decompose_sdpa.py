@@ -38,11 +38,6 @@ def attention_probs(scores: Tensor, head_dim: int, attn_mask: Tensor | None, dro
     return torch.dropout(probs, dropout_p, True) if dropout_p > 0 else probs
 
 
-def repeat_kv(kv: Tensor, query: Tensor) -> Tensor:
-    """Grouped-query attention: repeat key/value heads to the number of query heads."""
-    return kv.repeat_interleave(query.shape[-3] // kv.shape[-3], dim=-3)
-
-
 def decompose_sdpa(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if not ctx.config.decompose_sdpa:
         return gm
@@ -56,9 +51,10 @@ def decompose_sdpa(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         q, k, v = params["query"], params["key"], params["value"]
         head_dim = q.meta["val"].shape[-1]
         with graph.inserting_before(node):
-            if params["enable_gqa"]:
-                k = insert_call(graph, repeat_kv, (k, q), node)
-                v = insert_call(graph, repeat_kv, (v, q), node)
+            if params["enable_gqa"]:  # repeat key/value heads up to the query heads
+                groups = q.meta["val"].shape[-3] // k.meta["val"].shape[-3]
+                k = insert_call(graph, aten.repeat_interleave.self_int, (k, groups, -3), node)
+                v = insert_call(graph, aten.repeat_interleave.self_int, (v, groups, -3), node)
             k_t = insert_call(graph, aten.transpose.int, (k, -2, -1), node)
             scores = insert_call(graph, aten.matmul.default, (q, k_t), node)
             scores.meta["stl_site_label"] = f"{node.name}_qk"

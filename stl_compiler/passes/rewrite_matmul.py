@@ -13,7 +13,15 @@ from torch import fx
 from ..functional import dense_flops, stl_flops
 from ..nn import STLMatmul
 from ..report import SiteRow
-from ._graph import aten, module_path, parameter_of, relative_error, set_submodule, shape_of
+from ._graph import (
+    aten,
+    insert_call,
+    module_path,
+    parameter_of,
+    relative_error,
+    set_submodule,
+    shape_of,
+)
 from .context import PassContext
 
 _MATMULS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
@@ -104,7 +112,7 @@ def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node
     set_submodule(gm, name, module)
     with gm.graph.inserting_before(node):
         if transposed:
-            b = gm.graph.call_function(aten.transpose.int, (b, -2, -1))
+            b = insert_call(gm.graph, aten.transpose.int, (b, -2, -1), node)
         new = gm.graph.call_module(name, (a, b))
     new.meta.update(node.meta)
     # the lowered nodes of this site must be attributed to it, not to its parent module

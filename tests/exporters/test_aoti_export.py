@@ -1,21 +1,29 @@
-"""AOTInductor packages: compile once, load in a fresh process (without stl_compiler)."""
+"""AOTInductor packages: compile once (CLI), load in a fresh process without stl_compiler."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 from stl_helpers import rel_err
 from torch import nn
 
-import stl_compiler as stl
+from stl_compiler.cli import main
 from stl_compiler.exporters import export_aoti, load_aoti
 
 TOL = 1e-4
+
+_FACTORY = """
+import torch
+from torch import nn
+
+def make_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 24))
+"""
 
 _FRESH_PROCESS = """
 import sys, torch
@@ -28,15 +36,21 @@ print(max(errors))
 """
 
 
-def test_package_loads_in_fresh_process_and_matches(tmp_path):
-    dense = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 24)).eval()
-    example = torch.randn(2, 6, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compiled = stl.stl_compile(dense, (example,), stl.STLConfig(basis="strassen",
-                                                                    min_dim=1),
-                                   backend="eager")
-    package = export_aoti(compiled, example, tmp_path / "pkg" / "mlp.pt2")
+def test_cli_package_loads_in_fresh_process_and_matches(tmp_path, monkeypatch):
+    """``stl-compiler export --format aoti`` (stl_compile, then export_aoti); the package
+    runs in a process that never imports stl_compiler, at other batch / sequence sizes."""
+    (tmp_path / "aoti_models.py").write_text(_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    package = tmp_path / "pkg" / "mlp.pt2"
+    try:
+        assert main(["export", "--model", "aoti_models:make_mlp", "--input-shape", "2x6x32",
+                     "--basis", "strassen", "--min-dim", "1", "--format", "aoti",
+                     "--out", str(package)]) == 0
+        import aoti_models
+
+        dense = aoti_models.make_mlp().eval()
+    finally:
+        sys.modules.pop("aoti_models", None)
     assert os.listdir(tmp_path / "pkg") == ["mlp.pt2"]
     inputs = [torch.randn(3, 7, 32), torch.randn(5, 13, 32), torch.randn(1, 4, 32)]
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""ONNX export of STL models (swap_linears_, stl_compile, hand-fused sites) and ORT parity."""
+"""ONNX export of STL models (swap_linears_ and stl_compile output, fused and unfused) and
+ONNX Runtime parity; graph structure (folded constants, no custom ops); options; bad input."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import warnings
 import onnx
 import pytest
 import torch
+from model_zoo import CASES
 from stl_helpers import rel_err
 from torch import nn
-from torch.nn import functional as F
 
 import stl_compiler as stl
-from stl_compiler.exporters import export_onnx, onnx_op_types
+from stl_compiler.exporters import export_onnx, onnx_op_types, unsupported_tensorrt_ops
 from stl_compiler.exporters._program import export_program, unwrap
+from stl_compiler.models import MLP
 from stl_compiler.runtime import ort_session
 from stl_compiler.runtime.ops import decode, encode
 
@@ -25,32 +27,8 @@ EXACT = stl.STLConfig(basis="strassen", tile=4, min_dim=1)
 RANK24 = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1)
 
 
-def mlp(d_in: int = 32, hidden: int = 64, d_out: int = 24) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out)).eval()
-
-
-class TinyViT(nn.Module):
-    """A ViT-like encoder: patch embedding, one pre-norm attention + MLP block, mean-pool head."""
-
-    def __init__(self, patch_dim: int = 48, dim: int = 32, heads: int = 2, classes: int = 10):
-        super().__init__()
-        self.heads = heads
-        self.embed = nn.Linear(patch_dim, dim)
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        x = self.embed(patches)
-        b, s, d = x.shape
-        h = self.norm1(x)
-        q, k, v = (p(h).view(b, s, self.heads, -1).transpose(1, 2) for p in (self.q, self.k,
-                                                                             self.v))
-        attn = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.o(attn.transpose(1, 2).reshape(b, s, d))
-        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-        return self.head(x.mean(dim=1))
+def mlp() -> MLP:
+    return MLP([32, 64, 24]).eval()
 
 
 def _ort_vs_torch(path, module, *inputs) -> float:
@@ -88,84 +66,71 @@ def test_mlp_swap_linears_parity(exact_mlp):
 # --- stl_compile output, fused and unfused ----------------------------------------------
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int = 32, hidden: int = 64) -> None:
-        super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-MODELS = {"mlp": mlp, "swiglu": SwiGLU, "vit": TinyViT}
-FEATURES = {"mlp": 32, "swiglu": 32, "vit": 48}
-
-
-def _stl_compile(model: nn.Module, example: torch.Tensor, config: stl.STLConfig, **kwargs):
+def _stl_compile(model: nn.Module, args: tuple, config: stl.STLConfig, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "converted nothing" is checked below instead
-        compiled = stl.stl_compile(model, (example,), config, backend="eager", **kwargs)
+        compiled = stl.stl_compile(model, args, config, backend="eager", **kwargs)
     assert compiled.stl_report.converted
     return compiled
 
 
 @pytest.mark.parametrize("name,config,fuse", [
-    ("mlp", EXACT, True), ("mlp", RANK24, False), ("swiglu", RANK24, True),
-    ("vit", EXACT, True), ("vit", RANK24, False),
-], ids=["mlp-strassen-fused", "mlp-rank24-unfused", "swiglu-rank24-fused",
-        "vit-strassen-fused", "vit-rank24-unfused"])
+    ("mlp", EXACT, True), ("mlp", RANK24, False), ("vit", EXACT, True), ("vit", RANK24, False),
+    ("decoder", RANK24, True),
+], ids=["mlp-strassen-fused", "mlp-rank24-unfused", "vit-strassen-fused",
+        "vit-rank24-unfused", "decoder-rank24-fused"])
 def test_stl_compile_eager_parity(tmp_path, name, config, fuse):
-    dense = MODELS[name]().eval()
-    # attention matmuls become STL sites too (exact basis only: the rank-24 run is compared
-    # with swap_linears_, which converts the nn.Linear layers alone)
-    config = dataclasses.replace(config, fuse=fuse, decompose_sdpa=config is EXACT)
-    d = FEATURES[name]
-    example = torch.randn(2, 6, d)
+    """The repo's models (stl_compiler.models) through stl_compile(backend="eager")."""
+    case = CASES[name]
+    dense = case.build().eval()
+    # The exact basis converts every matmul (attention too); rank 24 the linear layers
+    # only, so that swap_linears_ (eager, any input shape) gives the same model.
+    config = dataclasses.replace(
+        config, fuse=fuse, decompose_sdpa=case.uses_sdpa,
+        targets=("linear", "matmul") if config is EXACT else ("linear",))
+    example = case.args(*case.example)
     compiled = _stl_compile(dense, example, config)
-    fused_ops = {"stl.decode_act_encode.default", "stl.decode_glu_encode.default"}
+    fused_ops = {"stl.decode_act_encode.default", "stl.decode_glu_encode.default",
+                 "stl.reencode.default"}
     assert bool(fused_ops & {str(n.target) for n in compiled.graph.nodes}) == fuse
     path = export_onnx(compiled, example, tmp_path / f"{name}.onnx")
     assert all("::" not in op for op in onnx_op_types(path))
-    # The GraphModule's own guards admit only shapes close to the example's (e.g. sequence
-    # lengths that are not multiples of the tile); the ONNX graph takes any shape: there the
-    # reference is the dense model (exact basis) or the same basis unfused in eager.
-    assert _ort_vs_torch(path, compiled, torch.randn(3, 7, d)) < TOL
+    assert unsupported_tensorrt_ops(path) == {}
+    # The GraphModule's own shape guards admit shapes like the example's only; the ONNX
+    # graph takes any: there the reference is the dense model (exact basis) or swap_linears_.
+    assert _ort_vs_torch(path, compiled, *case.args(*case.other)) < TOL
     eager = dense if config.basis == "strassen" else _converted(copy.deepcopy(dense), config)
-    for shape in [(5, 13, d), (4, 8, d), (2, 1, d), (1, 2, d)]:
-        assert _ort_vs_torch(path, eager, torch.randn(shape)) < TOL
+    for batch, seq in [(5, 13), (1, 2), (4, 5)]:
+        assert _ort_vs_torch(path, eager, *case.args(batch, seq)) < TOL
 
 
 def test_algebraic_boundary_has_no_decoded_tensor(tmp_path):
-    """Linear → Linear with static, tile-aligned rows fuses algebraically (paper Alg. 2): the
+    """Linear → Linear with tile-aligned static shapes fuses algebraically (paper Alg. 2): the
     decode of the first and the encode of the second become one r×r matrix, which the
     exporter folds into a constant: no decoded tensor between the two sites."""
     dense = nn.Sequential(nn.Linear(32, 64, bias=False), nn.Linear(64, 16, bias=False)).eval()
     example = torch.randn(2, 8, 32)
-    dynamic = ({0: torch.export.Dim.AUTO},)  # sequence static: no padded rows to re-zero
-    compiled = _stl_compile(dense, example, EXACT, dynamic_shapes=dynamic)
+    compiled = _stl_compile(dense, (example,), EXACT, dynamic_shapes=None)
     assert [b.kind for b in compiled.stl_report.boundaries] == ["algebraic"]
-    path = export_onnx(compiled, example, tmp_path / "pair.onnx", dynamic_shapes=dynamic)
-    x = torch.randn(3, 8, 32)
-    assert _ort_vs_torch(path, compiled, x) < TOL
-    assert _ort_vs_torch(path, dense, x) < TOL
+    path = export_onnx(compiled, example, tmp_path / "pair.onnx", dynamic_shapes=None)
+    assert _ort_vs_torch(path, compiled, example) < TOL
+    assert _ort_vs_torch(path, dense, example) < TOL
     # encode x, GEMM, re-encode (r×r), GEMM, decode; unfused: ..., decode, encode, ...
     assert onnx_op_types(path)["MatMul"] == 5
     graph = onnx.load(str(path)).graph
     rank = compiled.stl_report.converted[0].rank
     assert [i for i in graph.initializer if list(i.dims) == [rank, rank]], \
         "the r×r re-encoding matrix was not folded into an initializer"
-    hidden = [v.name for v in graph.value_info
-              if [d.dim_value for d in v.type.tensor_type.shape.dim][-1:] == [64]]
-    assert not hidden, f"decoded 64-wide activations in the graph: {hidden}"
+    decoded = [v.name for v in graph.value_info
+               if [d.dim_value for d in v.type.tensor_type.shape.dim] == [2, 8, 64]]
+    assert not decoded, f"the decoded (2, 8, 64) hidden activation is in the graph: {decoded}"
 
 
 class EncodesWeightAtRunTime(nn.Module):
     """A site whose weight is encoded in forward (``encode(Wᵀ, ew)``): export must store the
     encoded weight, not the dense one."""
 
-    def __init__(self, basis: stl.STLBasis, d_in: int = 32, d_out: int = 64) -> None:
+    def __init__(self, basis: stl.STLBasis, d_in: int = 128, d_out: int = 256) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(d_out, d_in))
         ex, ew, d = basis.to(torch.float32)
@@ -175,21 +140,22 @@ class EncodesWeightAtRunTime(nn.Module):
         self.tile = basis.tile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t, (k, m) = self.tile, self.weight.t().shape
+        t = self.tile
         w_encoded = encode(self.weight.t(), self.ew, t)
-        return decode(encode(x, self.ex, t) @ w_encoded.unsqueeze(1), self.d, t, x.shape[-2], m)
+        return decode(encode(x, self.ex, t) @ w_encoded.unsqueeze(1), self.d, t, x.shape[-2],
+                      self.weight.shape[0])
 
 
 def test_weights_stored_pre_encoded(tmp_path):
     basis = stl.bases.strassen(4)
-    model = EncodesWeightAtRunTime(basis).eval()
-    example = torch.randn(2, 8, 32)
+    model = EncodesWeightAtRunTime(basis).eval()  # 32k weights: above the optimizer's
+    example = torch.randn(2, 8, 128)               # default folding limit (8k inputs)
     path = export_onnx(model, example, tmp_path / "w.onnx",
                        dynamic_shapes=({0: torch.export.Dim.AUTO},))
     shapes = [[d for d in i.dims if d != 1] for i in onnx.load(str(path)).graph.initializer]
-    assert [basis.rank, 32 // 4, 64 // 4] in shapes
-    assert [64, 32] not in shapes and [32, 64] not in shapes
-    assert _ort_vs_torch(path, model, torch.randn(5, 8, 32)) < TOL
+    assert [basis.rank, 128 // 4, 256 // 4] in shapes
+    assert [256, 128] not in shapes and [128, 256] not in shapes
+    assert _ort_vs_torch(path, model, torch.randn(5, 8, 128)) < TOL
 
 
 # --- options ---------------------------------------------------------------------------
@@ -203,7 +169,7 @@ def test_graph_io_names_dims_and_checker(exact_mlp):
     def dims(value):
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
-    assert [(v.name, dims(v)) for v in graph.input] == [("input", ["batch", "sequence", 32])]
+    assert [(v.name, dims(v)) for v in graph.input] == [("x", ["batch", "sequence", 32])]
     assert [(v.name, dims(v)) for v in graph.output] == [("output", ["batch", "sequence", 24])]
     assert not [i for i in graph.initializer if list(i.dims) == [24, 64]]  # no dense weight
 
@@ -237,11 +203,13 @@ def test_fp16_export(tmp_path, exact_mlp):
 
 
 def test_external_data(tmp_path):
-    model = nn.Linear(8, 4)
-    path = export_onnx(model, torch.randn(2, 6, 8), tmp_path / "ext.onnx", external_data=True)
+    model = nn.Linear(32, 16)
+    path = export_onnx(model, torch.randn(2, 6, 32), tmp_path / "ext.onnx", external_data=True)
     assert sorted(os.listdir(tmp_path)) == ["ext.onnx", "ext.onnx.data"]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert onnx.TensorProto.EXTERNAL in {i.data_location for i in graph.initializer}
     onnx.checker.check_model(str(path), full_check=True)
-    assert _ort_vs_torch(path, model, torch.randn(3, 7, 8)) < TOL
+    assert _ort_vs_torch(path, model, torch.randn(3, 7, 32)) < TOL
 
 
 def test_unwraps_torch_compile_wrapper(exact_mlp):
@@ -296,3 +264,23 @@ def test_failure_after_writing_keeps_previous_file(tmp_path, monkeypatch):
 def test_op_types_of_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="ONNX model not found"):
         onnx_op_types(tmp_path / "missing.onnx")
+
+
+@torch.library.custom_op("stl_exporter_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_custom_op_without_decomposition(tmp_path):
+    class UsesCustomOp(nn.Module):
+        def forward(self, x):
+            return _twice(x)
+
+    with pytest.raises(RuntimeError, match="no aten decomposition.*stl_exporter_test.twice"):
+        export_onnx(UsesCustomOp(), torch.randn(2, 6, 8), tmp_path / "c.onnx")
+    assert os.listdir(tmp_path) == []
