@@ -84,8 +84,11 @@ def _inline(graph: fx.Graph, node: fx.Node, traced: fx.Graph, module: torch.nn.M
     with graph.inserting_before(node):
         for placeholder, arg in zip(placeholders, list(node.args)):
             env[placeholder] = arg
+        # parameters go to the top, as in captured graphs, so any later node may read them
+        top = next(n for n in graph.nodes if n.op != "placeholder")
         for placeholder, target in zip(placeholders[len(node.args):], params):
-            attr = graph.get_attr(target)
+            with graph.inserting_before(top):
+                attr = graph.get_attr(target)
             attr.meta["val"] = placeholder.meta.get("val")
             env[placeholder] = attr
         for inner in traced.nodes:
