@@ -13,7 +13,7 @@ from .functional import (
     stl_flops,
     stl_product,
 )
-from .runtime.ops import decode, encode
+from .runtime.ops import decode, decode_epilogue, encode
 from .tiling import check_row_grouping, group_rows, round_up, ungroup_rows
 
 __all__ = ["STLLinear", "STLMatmul"]
@@ -121,10 +121,12 @@ class STLLinear(nn.Module):
         flat = encoded.reshape(self.rank, -1, encoded.shape[-1])
         product = torch.bmm(flat, self.weight_encoded)
         product = product.reshape(self.rank, *rows.shape[:-2], -1, product.shape[-1])
-        y = decode(product, self.d, self.tile, rows.shape[-2], self.out_features)
+        if self.bias is None:
+            y = decode(product, self.d, self.tile, rows.shape[-2], self.out_features)
+        else:  # the bias add rides in the decode's epilogue: no extra pass over the output
+            y = decode_epilogue(product, self.d, self.bias, "none", 1.0, self.tile,
+                                rows.shape[-2], self.out_features)
         y = ungroup_rows(y, x, self.row_grouping)
-        if self.bias is not None:
-            y = y + self.bias
         return y.squeeze(0) if squeeze else y
 
     def flop_ratio(self, rows: int = 4096) -> float:

@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from ..report import BoundaryRow
+from ..runtime import ops as _ops  # noqa: F401  (registers the stl:: ops named below)
 from ._graph import aten, concrete, insert_call, module_path, parameter_of
 from .context import PassContext
 
@@ -33,6 +34,11 @@ stl = torch.ops.stl
 _ACTIVATIONS = {
     aten.relu.default: "relu", aten.silu.default: "silu", aten.tanh.default: "tanh",
     aten.sigmoid.default: "sigmoid",
+}
+_DECODE_ARGS = {
+    stl.decode.default: ("encoded", "d", "tile", "rows", "cols"),
+    stl.decode_epilogue.default: ("encoded", "d", "bias", "activation", "scale", "tile", "rows",
+                                  "cols"),
 }
 _ROW_WISE = (aten.layer_norm.default, aten.native_layer_norm.default, aten.softmax.int,
              aten._softmax.default, aten.mean.dim, aten.rsqrt.default)
@@ -51,13 +57,30 @@ class Branch:
     activation: str = "none"
     chain: list[fx.Node] = field(default_factory=list)  # nodes between decode and the product
 
+    def arg(self, name: str):
+        """An argument of the decode (``stl::decode`` or ``stl::decode_epilogue``) by name."""
+        names = _DECODE_ARGS[self.decode.target]
+        return self.decode.args[names.index(name)]
+
+    @property
+    def encoded(self) -> fx.Node:
+        return self.arg("encoded")
+
+    @property
+    def d(self) -> fx.Node:
+        return self.arg("d")
+
+    @property
+    def tile(self) -> int:
+        return self.arg("tile")
+
     @property
     def rows(self):
-        return self.decode.args[3]
+        return self.arg("rows")
 
     @property
     def cols(self):
-        return self.decode.args[4]
+        return self.arg("cols")
 
 
 def _activation_of(node: object) -> str | None:
@@ -90,8 +113,12 @@ def _parse_branch(gm: fx.GraphModule, node: object, allow_activation: bool) -> B
     while isinstance(node, fx.Node) and node.target is aten.alias.default:
         chain.append(node)
         node = node.args[0]
-    if not (isinstance(node, fx.Node) and node.target is stl.decode.default):
+    if not (isinstance(node, fx.Node) and node.target in _DECODE_ARGS):
         return None
+    if node.target is stl.decode_epilogue.default:  # bias already folded into the decode
+        if bias is not None or node.args[3] != "none" or node.args[4] != 1.0:
+            return None
+        bias = node.args[2]
     return Branch(node, bias, activation or "none", chain)
 
 
@@ -271,8 +298,8 @@ def fuse_decode_encode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         branches = _parse_glu(gm, top) or ([b] if (b := _parse_branch(gm, top, True)) else None)
         if branches is None or not _region_is_private(branches, scale_chain, value):
             continue
-        tile = branches[0].decode.args[2]
-        if len({c.args[2] for c in consumers} | {b.decode.args[2] for b in branches}) != 1:
+        tile = branches[0].tile
+        if len({c.args[2] for c in consumers} | {b.tile for b in branches}) != 1:
             continue
         try:
             layout = EncodedLayout(value, tile) if layout_ops else None
@@ -332,7 +359,7 @@ def _replace(graph: fx.Graph, branches: list[Branch], consumers: list[fx.Node], 
              layout_ops: list[fx.Node]) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     first = min(consumers, key=order.__getitem__)
-    tile = branches[0].decode.args[2]
+    tile = branches[0].tile
     rows, cols = branches[0].rows, branches[0].cols
     with graph.inserting_before(first):
         encoders = [c.args[1] for c in consumers]
@@ -343,18 +370,17 @@ def _replace(graph: fx.Graph, branches: list[Branch], consumers: list[fx.Node], 
         g = branches[0]
         if algebraic:
             out = insert_call(graph, stl.reencode.default,
-                              (g.decode.args[0], g.decode.args[1], g.bias, ex, scale, tile,
+                              (g.encoded, g.d, g.bias, ex, scale, tile,
                                rows, cols), first)
         elif len(branches) == 1:
             out = insert_call(graph, stl.decode_act_encode.default,
-                              (g.decode.args[0], g.decode.args[1], g.bias, ex, g.activation,
+                              (g.encoded, g.d, g.bias, ex, g.activation,
                                scale, tile, rows, cols), first)
         else:
             u = branches[1]
             out = insert_call(graph, stl.decode_glu_encode.default,
-                              (g.decode.args[0], g.decode.args[1], g.bias, u.decode.args[0],
-                               u.decode.args[1], u.bias, ex, g.activation, scale, tile, rows,
-                               cols), first)
+                              (g.encoded, g.d, g.bias, u.encoded, u.d, u.bias, ex,
+                               g.activation, scale, tile, rows, cols), first)
         for op, args in (layout.steps if layout else []):
             if op is aten.reshape.default:
                 rank = out.meta["val"].shape[0]
@@ -393,7 +419,7 @@ def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
 def _report_unfused(graph: fx.Graph, ctx: PassContext, done: set[fx.Node]) -> None:
     """A row for every remaining decode whose value reaches an encode, with the reason."""
     for decode in graph.nodes:
-        if decode.target is not stl.decode.default or decode in done:
+        if decode.target not in _DECODE_ARGS or decode in done:
             continue
         seen, frontier, between, encodes = set(), [decode], [], []
         for _ in range(12):

@@ -11,14 +11,13 @@ import warnings
 import onnx
 import pytest
 import torch
-from model_zoo import CASES
 from stl_helpers import rel_err
 from torch import nn
 
 import stl_compiler as stl
 from stl_compiler.exporters import export_onnx, onnx_op_types, unsupported_tensorrt_ops
 from stl_compiler.exporters._program import export_program, unwrap
-from stl_compiler.models import MLP
+from stl_compiler.models import MLP, DecoderLM, ViTEncoder
 from stl_compiler.runtime import ort_session
 from stl_compiler.runtime.ops import decode, encode
 
@@ -29,6 +28,22 @@ RANK24 = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1)
 
 def mlp() -> MLP:
     return MLP([32, 64, 24]).eval()
+
+
+def _tokens(batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, seq))
+
+
+#: The repo's models (stl_compiler.models), one block deep: name → (model, inputs(batch, seq),
+#: whether attention is SDPA).
+MODELS = {
+    "mlp": (lambda: MLP([32, 64, 48, 16], ["gelu", "relu"]),
+            lambda b, s: (torch.randn(b, s, 32),), False),
+    "vit": (lambda: ViTEncoder(image_size=16, patch=4, dim=32, depth=1, heads=2, mlp_dim=64),
+            lambda b, s: (torch.randn(b, 3, 16, 16),), False),
+    "decoder": (lambda: DecoderLM(vocab=64, dim=32, depth=1, heads=2, kv_heads=1, mlp_dim=64),
+                lambda b, s: (_tokens(b, s),), True),
+}
 
 
 def _ort_vs_torch(path, module, *inputs) -> float:
@@ -80,15 +95,15 @@ def _stl_compile(model: nn.Module, args: tuple, config: stl.STLConfig, **kwargs)
 ], ids=["mlp-strassen-fused", "mlp-rank24-unfused", "vit-strassen-fused",
         "vit-rank24-unfused", "decoder-rank24-fused"])
 def test_stl_compile_eager_parity(tmp_path, name, config, fuse):
-    """The repo's models (stl_compiler.models) through stl_compile(backend="eager")."""
-    case = CASES[name]
-    dense = case.build().eval()
+    """The repo's models through stl_compile(backend="eager"), exported, in ORT."""
+    build, inputs, uses_sdpa = MODELS[name]
+    dense = build().eval()
     # The exact basis converts every matmul (attention too); rank 24 the linear layers
     # only, so that swap_linears_ (eager, any input shape) gives the same model.
     config = dataclasses.replace(
-        config, fuse=fuse, decompose_sdpa=case.uses_sdpa,
+        config, fuse=fuse, decompose_sdpa=uses_sdpa,
         targets=("linear", "matmul") if config is EXACT else ("linear",))
-    example = case.args(*case.example)
+    example = inputs(2, 6)
     compiled = _stl_compile(dense, example, config)
     fused_ops = {"stl.decode_act_encode.default", "stl.decode_glu_encode.default",
                  "stl.reencode.default"}
@@ -98,10 +113,10 @@ def test_stl_compile_eager_parity(tmp_path, name, config, fuse):
     assert unsupported_tensorrt_ops(path) == {}
     # The GraphModule's own shape guards admit shapes like the example's only; the ONNX
     # graph takes any: there the reference is the dense model (exact basis) or swap_linears_.
-    assert _ort_vs_torch(path, compiled, *case.args(*case.other)) < TOL
+    assert _ort_vs_torch(path, compiled, *inputs(3, 7)) < TOL
     eager = dense if config.basis == "strassen" else _converted(copy.deepcopy(dense), config)
-    for batch, seq in [(5, 13), (1, 2), (4, 5)]:
-        assert _ort_vs_torch(path, eager, *case.args(batch, seq)) < TOL
+    for batch, seq in [(5, 13), (1, 2), (4, 8)]:
+        assert _ort_vs_torch(path, eager, *inputs(batch, seq)) < TOL
 
 
 def test_algebraic_boundary_has_no_decoded_tensor(tmp_path):

@@ -21,6 +21,11 @@ def _count(gm, op):
     return sum(1 for n in gm.graph.nodes if n.target is op.default)
 
 
+def _decodes(gm):
+    """Decode nodes, with or without a fused bias epilogue."""
+    return _count(gm, stl.decode) + _count(gm, stl.decode_epilogue)
+
+
 def _pair(model, args, kwargs=None, dynamic_shapes="auto", **config):
     kwargs = kwargs or {}
     return [stl_compile(model, args, STLConfig(min_dim=8, fuse=fuse, **config),
@@ -47,8 +52,8 @@ def test_mlp_chain_fuses_both_boundaries(basis, seq):
     model = MLP([32, 64, 48, 16], ["gelu", "relu"]).eval()
     x = torch.randn(2, seq, 32)
     plain, fused = _pair(model, (x,), **basis)
-    assert (_count(plain, stl.encode), _count(plain, stl.decode)) == (3, 3)
-    assert (_count(fused, stl.encode), _count(fused, stl.decode)) == (1, 1)
+    assert (_count(plain, stl.encode), _decodes(plain)) == (3, 3)
+    assert (_count(fused, stl.encode), _decodes(fused)) == (1, 1)
     assert _count(fused, stl.decode_act_encode) == 2
     kinds = [(b.producer, b.consumers, b.kind, b.reason) for b in fused.stl_report.boundaries]
     assert kinds == [("layers.0", ["layers.1"], "elementwise", "bias+gelu"),
@@ -99,12 +104,13 @@ def test_models_agree_and_counts_drop(name, basis):
     assert _count(fused, stl.reencode) == reencodes
     assert _count(fused, stl.decode_act_encode) == act
     assert _count(fused, stl.decode_glu_encode) == glu
-    assert _count(plain, stl.decode) - _count(fused, stl.decode) == decodes_removed
+    assert _decodes(plain) - _decodes(fused) == decodes_removed
     assert _count(plain, stl.encode) - _count(fused, stl.encode) == encodes_removed
     # no decoded tensor at an algebraically fused boundary: its producer has no decode left
     algebraic = {row.producer for row in fused.stl_report.boundaries if row.kind == "algebraic"}
     assert len(algebraic) == reencodes
-    decoded_sites = {module_path(n) for n in fused.graph.nodes if n.target is stl.decode.default}
+    decoded_sites = {module_path(n) for n in fused.graph.nodes
+                     if n.target in (stl.decode.default, stl.decode_epilogue.default)}
     assert not algebraic & decoded_sites
     for size in (case.example, case.other, (3, 7)):
         args, kwargs = case.args(*size), case.kwargs(*size)
@@ -155,9 +161,10 @@ def test_algebraic_boundary_has_no_decoded_tensor():
     plain, fused = _pair(model, (x,), basis="random", rank=24)
     (row,) = fused.stl_report.boundaries
     assert row.kind == "algebraic"
-    assert _count(fused, stl.decode) == 1 and _count(fused, stl.encode) == 1
+    assert _decodes(fused) == 1 and _count(fused, stl.encode) == 1
     assert _count(fused, stl.reencode) == 1
-    assert not any(n.target is stl.decode.default and module_path(n) == "0"
+    assert not any(n.target in (stl.decode.default, stl.decode_epilogue.default)
+                   and module_path(n) == "0"
                    for n in fused.graph.nodes)
     for size in ((2, 8), (3, 7)):  # 7 rows: the padded row strip is re-encoded exactly
         x2 = torch.randn(*size, 32)
