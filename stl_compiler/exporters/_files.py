@@ -36,6 +36,14 @@ def writable_parent(path: str | os.PathLike) -> Path:
     return path
 
 
+def output_file(path: str | os.PathLike) -> Path:
+    """:func:`writable_parent` for a file output, which must not be an existing directory."""
+    path = writable_parent(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the path of the file to write")
+    return path
+
+
 @contextlib.contextmanager
 def staged(path: str | os.PathLike) -> Iterator[Path]:
     """Yield ``staging / path.name``; on success move what the caller wrote beside it.

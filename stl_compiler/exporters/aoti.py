@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._files import existing_file, staged, writable_parent
+from ._files import existing_file, output_file, staged
 from ._program import export_program
 
 __all__ = ["export_aoti", "load_aoti"]
@@ -37,7 +37,7 @@ def export_aoti(module: Any, example_inputs: Any, path: str | os.PathLike, *,
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"an AOTInductor package path must end in .pt2, got {path}")
-    writable_parent(path)
+    output_file(path)
     program = export_program(module, example_inputs, example_kwargs=example_kwargs,
                              dynamic_shapes=dynamic_shapes, dtype=dtype)
     with staged(path) as staging_path:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._files import staged, writable_parent
+from ._files import output_file, staged
 from ._program import export_program
 
 __all__ = ["export_onnx", "onnx_op_types"]
@@ -62,7 +62,7 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike, *,
         folded into initializers.
     """
     onnx = _import_onnx()
-    path = writable_parent(path)
+    path = output_file(path)
     program = export_program(module, example_inputs, example_kwargs=example_kwargs,
                              dynamic_shapes=dynamic_shapes, dtype=dtype)
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,

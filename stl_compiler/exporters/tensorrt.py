@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._files import existing_file, staged, writable_parent
+from ._files import existing_file, output_file, staged
 from ._program import as_args, export_program
 
 __all__ = [
@@ -95,7 +95,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
         RuntimeError: the parser or the builder failed (their messages included).
     """
     onnx_path = existing_file(onnx_path, "ONNX model")
-    engine_path = writable_parent(engine_path)
+    engine_path = output_file(engine_path)
     trt = _import_tensorrt()
     unsupported = unsupported_tensorrt_ops(onnx_path)
     if unsupported:

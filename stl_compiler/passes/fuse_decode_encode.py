@@ -285,8 +285,10 @@ def fuse_decode_encode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     graph = gm.graph
     fused: set[fx.Node] = set()
+    order = {n: i for i, n in enumerate(graph.nodes)}  # consumers are original nodes
+    replaced: set[fx.Node] = set()
     for enc in [n for n in graph.nodes if n.target is stl.encode.default]:
-        if enc.graph is not graph or enc not in graph.nodes:
+        if enc in replaced:
             continue  # already replaced as part of an earlier group
         value, layout_ops = _layout_chain(enc)
         if not isinstance(value, fx.Node) or value.op != "call_function":
@@ -312,7 +314,10 @@ def fuse_decode_encode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             fused.update(b.decode for b in branches)  # reported; skip the generic row
             continue
         algebraic = len(branches) == 1 and branches[0].activation == "none"
-        _replace(graph, branches, consumers, scale, algebraic, layout, transposed, layout_ops)
+        first = min(consumers, key=order.__getitem__)
+        replaced.update(consumers)
+        _replace(graph, first, branches, consumers, scale, algebraic, layout, transposed,
+                 layout_ops)
         fused.update(b.decode for b in branches)
         ctx.report.boundaries.append(BoundaryRow(
             producer=" * ".join(_site(b.decode) for b in branches),
@@ -354,11 +359,10 @@ def _describe(branches, scale, layout_ops, transposed) -> str:
     return "+".join(parts) or "none"
 
 
-def _replace(graph: fx.Graph, branches: list[Branch], consumers: list[fx.Node], scale: float,
+def _replace(graph: fx.Graph, first: fx.Node, branches: list[Branch], consumers: list[fx.Node],
+             scale: float,
              algebraic: bool, layout: EncodedLayout | None, transposed: bool,
              layout_ops: list[fx.Node]) -> None:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    first = min(consumers, key=order.__getitem__)
     tile = branches[0].tile
     rows, cols = branches[0].rows, branches[0].cols
     with graph.inserting_before(first):

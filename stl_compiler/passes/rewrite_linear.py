@@ -115,7 +115,8 @@ def rewrite_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             new.meta.update(call.node.meta)
             call.node.replace_all_uses_with(new)
             gm.graph.erase_node(call.node)
-        _drop_dense_parameters(gm, used)
+        attr_nodes = {c.weight for c in calls} | {c.bias for c in calls if c.bias is not None}
+        _drop_dense_parameters(gm, used, attr_nodes)
     return gm
 
 
@@ -160,9 +161,10 @@ def _measure(ctx: PassContext, module: STLLinear, calls: list[LinearCall]) -> fl
     return relative_error(pairs)
 
 
-def _drop_dense_parameters(gm: fx.GraphModule, targets: set[str]) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and node.target in targets and not node.users:
+def _drop_dense_parameters(gm: fx.GraphModule, targets: set[str], nodes: set[fx.Node]
+                           ) -> None:
+    for node in nodes:
+        if not node.users:
             gm.graph.erase_node(node)
     for target in targets:
         owner_path, _, attr = target.rpartition(".")

@@ -299,3 +299,10 @@ def test_custom_op_without_decomposition(tmp_path):
     with pytest.raises(RuntimeError, match="no aten decomposition.*stl_exporter_test.twice"):
         export_onnx(UsesCustomOp(), torch.randn(2, 6, 8), tmp_path / "c.onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_output_path_is_a_directory(tmp_path):
+    (tmp_path / "model.onnx").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        export_onnx(nn.Linear(8, 4), torch.randn(2, 6, 8), tmp_path / "model.onnx")
+    assert os.listdir(tmp_path) == ["model.onnx"]
