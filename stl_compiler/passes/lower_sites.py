@@ -1,63 +1,28 @@
 """Lower STL site modules to explicit ``stl::encode → bmm → stl::decode`` nodes.
 
-The rewrite passes leave ``call_module`` nodes to :class:`~stl_compiler.nn.STLLinear` /
-``STLMatmul`` submodules. Each is traced with ``make_fx`` on its inputs' fake values, inside
-the graph's own fake mode and shape environment (so dynamic sizes stay the same symbols), and
-the traced nodes are inlined in place with valid metadata. Sites of the same kind and shapes
-share one trace: a 24-layer model needs a handful, not one per site.
+The rewritten graph calls :class:`~stl_compiler.nn.STLLinear` / ``STLMatmul`` submodules;
+re-capturing it with ``torch.export`` inlines them into the registered custom ops with fresh,
+valid shape metadata (dynamic dims included), which the fusion pass and the exporters read.
+Each lowered node keeps its site's name in ``meta['nn_module_stack']``. (Tracing each site
+alone with ``make_fx`` inside the graph's shape environment is 5x faster, but torch 2.11
+specializes dynamic sizes that way; re-capturing is correct on every supported version.)
 """
 
 from __future__ import annotations
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
-from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..nn import STLLinear, STLMatmul
+from .capture import capture
 from .context import PassContext
 
 
-def _trace(module: torch.nn.Module, inputs: list, mode) -> fx.Graph:
-    names = [name for name, _ in module.named_parameters()]
-
-    def call(*flat):
-        params = dict(zip(names, flat[len(inputs):]))
-        return torch.func.functional_call(module, params, tuple(flat[:len(inputs)]))
-
-    with mode:
-        fake_params = [mode.from_tensor(p) for p in module.parameters()]
-    graph = make_fx(call, tracing_mode="real")(*inputs, *fake_params).graph
-    # make_fx resolves reshape to view for the example's strides; other inputs (another
-    # batch size, a non-contiguous producer) may need the copying form.
-    for node in graph.nodes:
-        if node.target is torch.ops.aten.view.default:
-            node.target = torch.ops.aten.reshape.default
-    return graph
-
-
-def _key(module: torch.nn.Module, inputs: list) -> tuple:
-    shapes = tuple((str(tuple(v.shape)), v.dtype) for v in inputs)
-    params = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
-    return type(module), module.extra_repr(), shapes, params
-
-
 def lower_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    graph = gm.graph
-    traces: dict[tuple, fx.Graph] = {}
-    for node in list(graph.nodes):
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        if not isinstance(module, (STLLinear, STLMatmul)):
-            continue
-        inputs = [a.meta["val"] for a in node.args]
-        key = _key(module, inputs)
-        if key not in traces:
-            traces[key] = _trace(module, inputs, detect_fake_mode(inputs))
-        _inline(graph, node, traces[key], module)
-    _share_sizes(graph)
-    return gm
+    if not any(site.converted for site in ctx.report.sites):
+        return gm
+    lowered = capture(gm, ctx.example_args, ctx.example_kwargs, ctx.dynamic_shapes)
+    _share_sizes(lowered.graph)
+    return lowered
 
 
 def _share_sizes(graph: fx.Graph) -> None:
@@ -102,3 +67,4 @@ def _inline(graph: fx.Graph, node: fx.Node, traced: fx.Graph, module: torch.nn.M
                 copy.meta["nn_module_stack"] = stack
             env[inner] = copy
     graph.erase_node(node)
+
