@@ -54,4 +54,17 @@ def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_shap
         first = text.strip().splitlines()[0][:500]
         raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first}\n"
                            f"How to work around it: {hint}") from err
-    return program.module()
+    module = program.module()
+    _views_to_reshapes(module.graph)
+    module.recompile()
+    return module
+
+
+def _views_to_reshapes(graph: fx.Graph) -> None:
+    """``view`` nodes were chosen for the example's fake strides, which torch 2.11 gets wrong
+    for some graphs (nn.MultiheadAttention) and which differ at other shapes once STL ops
+    produce fresh tensors; a reshape copies only when it must. Captured graphs are
+    functional: no view result is mutated."""
+    for node in graph.nodes:
+        if node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default

@@ -22,17 +22,8 @@ def lower_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     lowered = capture(gm, ctx.example_args, ctx.example_kwargs, ctx.dynamic_shapes)
     _share_sizes(lowered.graph)
-    _views_to_reshapes(lowered.graph)
     return lowered
 
-
-def _views_to_reshapes(graph: fx.Graph) -> None:
-    """``view`` nodes were chosen for the example's strides; STL outputs are fresh tensors
-    whose strides can differ at other shapes (seen with torch 2.11), so let each copy if it
-    must. The graph is functional: no view result is mutated."""
-    for node in graph.nodes:
-        if node.target is torch.ops.aten.view.default:
-            node.target = torch.ops.aten.reshape.default
 
 
 def _share_sizes(graph: fx.Graph) -> None:
