@@ -3,7 +3,7 @@
 #   bash benchmarks/device_run.sh tests|mlp|model|passes|deploy|layer
 # Writes logs and JSON under $OUT. Records the device, versions and commit first.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 STL_COMMIT="${STL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 STL_COMMIT="${STL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 {
   date -u; echo "commit $STL_COMMIT"
@@ -11,8 +11,8 @@ OUT="${OUT:-out}"; mkdir -p "$OUT"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } | tee "$OUT/env_$1.txt"
 case "$1" in
-  tests)   timeout 420 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_triton_kernels.py \
-             tests/passes tests/test_api.py 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+  tests)   timeout 420 python3 -m pytest -q -p no:cacheprovider ${STL_TESTS:-tests/runtime/test_triton_kernels.py \
+             tests/passes tests/test_api.py} 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
   mlp)     timeout 420 python3 benchmarks/bench_mlp_block.py 2>&1 | tee "$OUT/mlp_block.log" ;;
   model)   timeout 560 python3 benchmarks/bench_model.py 2>&1 | tee "$OUT/model.log" ;;
   passes)  timeout 400 python3 benchmarks/bench_pass_time.py 2>&1 | tee "$OUT/pass_time.log" ;;
