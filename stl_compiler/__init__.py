@@ -6,13 +6,16 @@ Public API::
     basis = stl.bases.strassen(4)
     y = stl.stl_matmul(x, w, basis)
     layer = stl.STLLinear.from_linear(linear, basis)
+    fast = stl.stl_compile(model, (x,), stl.STLConfig(rank=24))
+    stl.exporters.export_onnx(fast, (x,), "model.onnx")
 """
 
-from . import bases, exporters, runtime
+from . import bases, exporters, fit, runtime
 from .api import stl_compile
 from .bases import STLBasis
 from .config import STLConfig
 from .convert import swap_linears_
+from .fit import calibrate, distill, fit_basis
 from .functional import dense_flops, stl_flops, stl_matmul, stl_matmul_reference
 from .nn import STLLinear, STLMatmul
 from .report import STLReport
@@ -24,8 +27,12 @@ __all__ = [
     "STLMatmul",
     "STLReport",
     "bases",
+    "calibrate",
     "dense_flops",
+    "distill",
     "exporters",
+    "fit",
+    "fit_basis",
     "runtime",
     "stl_compile",
     "stl_flops",

@@ -105,8 +105,10 @@ class STLReport:
             lines.append(f"{'boundary (producer -> consumers)':<60} {'fusion':<12} "
                          f"{'bytes saved':>12}  note")
             for b in self.boundaries:
-                edge = f"{b.producer} -> {', '.join(b.consumers)}"
-                lines.append(f"{edge[-60:]:<60} {b.kind:<12} {b.bytes_saved:>12}  {b.reason}")
+                shown = ", ".join(b.consumers[:3])
+                more = f" (+{len(b.consumers) - 3})" if len(b.consumers) > 3 else ""
+                edge = f"{b.producer} -> {shown}{more}"
+                lines.append(f"{edge:<60} {b.kind:<12} {b.bytes_saved:>12}  {b.reason}")
         return "\n".join(lines)
 
 
