@@ -3,8 +3,9 @@ other batch/sequence sizes (to check dynamic shapes). Built from code, no downlo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
