@@ -9,10 +9,30 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import stl_compiler as stl
 from stl_compiler.fit import calibrate, distill
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (fused QKV, SDPA attention, GELU MLP) of both examples."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, causal: bool = False) -> None:
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = x + self.proj(attn.transpose(1, 2).reshape(b, s, dim))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 RANKS = (16, 24, 32, 40, 49)
 

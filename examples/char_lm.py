@@ -19,7 +19,7 @@ import sysconfig
 
 import torch
 import torch.nn.functional as F
-from _common import convert_variants, parse_args, report, to_stl, train
+from _common import Block, convert_variants, parse_args, report, to_stl, train
 from torch import nn
 
 FILES = ("argparse.py", "dataclasses.py", "functools.py", "inspect.py", "typing.py",
@@ -34,28 +34,12 @@ def load_text() -> torch.Tensor:
     return torch.tensor([b if b < VOCAB else ord("?") for b in data], dtype=torch.long)
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, s, dim))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
 class CharLM(nn.Module):
     def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.pos = nn.Parameter(torch.randn(CONTEXT, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads, 4, causal=True) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, VOCAB)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

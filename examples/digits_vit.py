@@ -14,25 +14,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from _common import convert_variants, parse_args, report, to_stl, train
+from _common import Block, convert_variants, parse_args, report, to_stl, train
 from sklearn.datasets import load_digits
 from torch import nn
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, dim)
-        x = x + self.proj(attn)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
 class DigitsViT(nn.Module):
@@ -42,7 +26,7 @@ class DigitsViT(nn.Module):
         super().__init__()
         self.embed = nn.Linear(4, dim)                      # stays dense: in_features < 16
         self.pos = nn.Parameter(torch.randn(16, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads, 2) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)  # head: out < 16, dense
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
