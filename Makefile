@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -23,10 +23,9 @@ demo: $(STAMP)
 	$(VPY) -m stl_compiler.demo
 
 test: $(STAMP)
+	$(VPY) -m ruff check stl_compiler tests benchmarks examples tools
 	$(VPY) -m pytest -q -ra
 
-lint: $(STAMP)
-	$(VPY) -m ruff check stl_compiler tests benchmarks examples
 
 clean:
 	rm -rf $(VENV)

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from .config import STLConfig
+from .nn import STLLinear
 from .passes import PassContext, run_passes
 from .passes._graph import relative_error
 from .passes.capture import capture
-from .report import STLReport
+from .report import SiteRow, STLReport
 
 __all__ = ["stl_compile", "BACKENDS"]
 
@@ -61,6 +62,7 @@ def stl_compile(model: nn.Module, example_inputs: tuple | Any, config: STLConfig
     if config.measure_error:
         with torch.no_grad():
             reference = gm(*args, **kwargs)
+    ctx.report.sites.extend(_preconverted_sites(model))
     gm = run_passes(gm, ctx)
     if config.measure_error:
         with torch.no_grad():
@@ -72,6 +74,15 @@ def stl_compile(model: nn.Module, example_inputs: tuple | Any, config: STLConfig
     compiled = _apply_backend(gm, backend, args, kwargs)
     compiled.stl_report = ctx.report
     return compiled
+
+
+def _preconverted_sites(model: nn.Module) -> list[SiteRow]:
+    """STLLinear layers already in the model (swap_linears_, calibrated, trained with STL):
+    captured as STL ops as they are, listed so the report covers them too."""
+    return [SiteRow(name=name, kind="linear", op="STLLinear (already converted)",
+                    x_shape=(), w_shape=(m.in_features, m.out_features), converted=True,
+                    tile=m.tile, rank=m.rank, basis="from the model")
+            for name, m in model.named_modules() if isinstance(m, STLLinear)]
 
 
 def _apply_backend(gm: nn.Module, backend: str, args: tuple, kwargs: dict) -> nn.Module:

@@ -98,8 +98,8 @@ class STLReport:
         lines.append(f"{len(self.converted)} of {len(self.sites)} sites converted; matmul FLOPs "
                      f"{dense / 1e6:.2f}M -> {after / 1e6:.2f}M ({self.flop_ratio:.3f}x)")
         if self.model_rel_error is not None:
-            lines.append(f"model output rel. error vs dense on the example inputs: "
-                         f"{self.model_rel_error:.3e}")
+            lines.append(f"model output rel. error added by this conversion on the example "
+                         f"inputs: {self.model_rel_error:.3e}")
         if self.boundaries:
             lines.append("")
             lines.append(f"{'boundary (producer -> consumers)':<60} {'fusion':<12} "

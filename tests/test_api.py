@@ -246,3 +246,22 @@ def test_tensorrt_backend_without_torch_tensorrt_names_the_extra():
     with pytest.raises(ImportError, match=r"stl-compiler\[tensorrt\]"):
         stl_compile(CASES["mlp"].build(), (torch.randn(2, 8, 32),),
                     STLConfig(basis="strassen", min_dim=8), backend="tensorrt")
+
+
+def test_layers_already_converted_are_kept_and_reported():
+    from stl_compiler import swap_linears_
+    from stl_compiler.models import MLP
+
+    model = MLP([32, 64, 48, 16], ["gelu", "relu"]).eval()
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        dense = model(x)
+    swap_linears_(model, STLConfig(basis="strassen", min_dim=8))
+    compiled = stl_compile(model, (x,), STLConfig(basis="strassen", min_dim=8),
+                           backend="eager")
+    report = compiled.stl_report
+    assert [s.name for s in report.sites] == ["layers.0", "layers.1", "layers.2"]
+    assert all(s.converted and "already converted" in s.op for s in report.sites)
+    assert [b.kind for b in report.boundaries] == ["elementwise", "elementwise"]
+    with torch.no_grad():
+        assert rel_err(compiled(x), dense) < 1e-5

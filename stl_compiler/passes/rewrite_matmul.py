@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from ..functional import dense_flops, stl_flops
-from ..nn import STLMatmul
+from ..nn import STLLinear, STLMatmul
 from ..report import SiteRow
 from ._graph import (
     aten,
@@ -52,6 +52,12 @@ def einsum_as_matmul(equation: str) -> bool | None:
     return None
 
 
+def _inside_stl_module(node: fx.Node) -> bool:
+    """The node is part of an STL layer the model already had (its batched GEMM)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(cls.startswith(f"{STLLinear.__module__}.STL") for _, cls in stack.values())
+
+
 def site_name(node: fx.Node) -> str:
     path = module_path(node)
     label = node.meta.get("stl_site_label", node.name)
@@ -60,7 +66,7 @@ def site_name(node: fx.Node) -> str:
 
 def rewrite_matmul(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or _inside_stl_module(node):
             continue
         if node.target in UNSUPPORTED:
             _report_dense(ctx, node, f"unsupported op: the STL pass does not rewrite "
