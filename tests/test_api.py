@@ -265,3 +265,15 @@ def test_layers_already_converted_are_kept_and_reported():
     assert [b.kind for b in report.boundaries] == ["elementwise", "elementwise"]
     with torch.no_grad():
         assert rel_err(compiled(x), dense) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["decoder", "vit", "llama"])
+def test_dynamic_sizes_hold_below_one_tile_and_above_the_example(name):
+    # example batch 2 x seq 8; a sequence of 4 is a single tile and a batch of 9 is > 4x the
+    # example: neither may be specialized away by the capture
+    case = CASES[name]
+    config = STLConfig(basis="strassen", min_dim=8, decompose_sdpa=case.uses_sdpa)
+    model, compiled = _compile(case, config, "eager")
+    for size in ((3, 4), (9, 13), (5, 7)):
+        out, ref = _outputs(model, compiled, case, size)
+        assert rel_err(out, ref) < 1e-4, size

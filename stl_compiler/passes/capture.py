@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import fx, nn
 
 
@@ -37,14 +39,24 @@ def auto_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict[str, Any]) 
             for name, value in bound.arguments.items()}
 
 
+def _size_oblivious():
+    """Reason about dynamic sizes without assuming they are not 1: padded tile counts are 1
+    for short sequences or small batches, and torch.export would otherwise guard them away
+    (a sequence of <= 4 tokens, or batch <= 4, rejected at run time)."""
+    if hasattr(fx_config, "backed_size_oblivious"):
+        return fx_config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
+
+
 def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_shapes: Any
             ) -> fx.GraphModule:
     """``torch.export.export(..., strict=False).module()`` with actionable errors."""
     if dynamic_shapes == "auto":
         dynamic_shapes = auto_dynamic_shapes(module, args, kwargs)
     try:
-        program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes,
-                                      strict=False)
+        with _size_oblivious():
+            program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes,
+                                          strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with a hint, cause chained
         text = f"{type(err).__name__}: {err}"
         hints = [hint for needle, hint in _HINTS if needle in text]
