@@ -28,10 +28,6 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(concrete(d) for d in val.shape)
 
 
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
 def parameter_of(gm: fx.GraphModule, node: object) -> nn.Parameter | None:
     """The parameter a ``get_attr`` node reads, else None (an activation or a buffer)."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
