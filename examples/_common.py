@@ -94,6 +94,25 @@ def convert_variants(dense: nn.Module, rank: int, row_grouping: str, calib: list
     return result
 
 
+def compare_ranks(ranks: list[int], init: nn.Module, dense: nn.Module, row_grouping: str,
+                  batches: Callable[[], Iterator], loss_fn: Callable, steps: int, calib: list,
+                  distill_batches: list, metric: Callable[[nn.Module], float], fmt: str
+                  ) -> dict:
+    """Per rank: (A) train from scratch with STL, (B) convert ``dense`` plain, + calibration,
+    + distillation; ``metric`` of each, printed as it goes."""
+    results = {}
+    for rank in ranks:
+        scratch = to_stl(init, rank, row_grouping)
+        train(scratch, batches(), loss_fn, steps, lr=3e-3)
+        row = {"scratch": metric(scratch)}
+        row.update(convert_variants(dense, rank, row_grouping, calib, distill_batches,
+                                    len(distill_batches), metric, lr=2e-4))
+        results[rank] = row
+        print(f"rank {rank}: " + ", ".join(f"{k}={v:{fmt}}" for k, v in row.items()
+                                          if isinstance(v, float)), flush=True)
+    return results
+
+
 def report(title: str, metric: str, dense: float, results: dict, path: str, extra: dict
            ) -> None:
     """Print the (A)/(B) table and write everything to ``path``."""

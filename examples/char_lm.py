@@ -19,7 +19,7 @@ import sysconfig
 
 import torch
 import torch.nn.functional as F
-from _common import Block, convert_variants, parse_args, report, to_stl, train
+from _common import Block, compare_ranks, parse_args, report, train
 from torch import nn
 
 FILES = ("argparse.py", "dataclasses.py", "functools.py", "inspect.py", "typing.py",
@@ -83,16 +83,8 @@ def main() -> None:
     calib = [next(stream)[:, :-1] for _ in range(8)]
     distill_steps = steps // 10
     distill_batches = [next(stream)[:, :-1] for _ in range(distill_steps)]
-    results = {}
-    for rank in args.ranks:
-        scratch = to_stl(init, rank, "batch")
-        train(scratch, batches(), loss_fn, steps, lr=3e-3)
-        row = {"scratch": perplexity(scratch)}
-        row.update(convert_variants(dense, rank, "batch", calib, distill_batches,
-                                    distill_steps, perplexity, lr=2e-4))
-        results[rank] = row
-        print(f"rank {rank}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()
-                                          if isinstance(v, float)), flush=True)
+    results = compare_ranks(args.ranks, init, dense, "batch", batches, loss_fn, steps, calib,
+                            distill_batches, perplexity, ".3f")
     report("char LM, validation perplexity (row_grouping='batch')", "perplexity", dense_ppl,
            results, args.out, {"steps": steps, "distill_steps": distill_steps,
                                "seed": args.seed, "files": FILES})

@@ -14,7 +14,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from _common import Block, convert_variants, parse_args, report, to_stl, train
+from _common import Block, compare_ranks, parse_args, report, train
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -69,16 +69,8 @@ def main() -> None:
     distill_steps = steps // 10
     stream = batches(args.seed + 1)
     distill_batches = [next(stream)[0] for _ in range(distill_steps)]
-    results = {}
-    for rank in args.ranks:
-        scratch = to_stl(init, rank, "tokens")
-        train(scratch, batches(), loss_fn, steps, lr=3e-3)
-        row = {"scratch": accuracy(scratch)}
-        row.update(convert_variants(dense, rank, "tokens", calib, distill_batches,
-                                    distill_steps, accuracy, lr=2e-4))
-        results[rank] = row
-        print(f"rank {rank}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()
-                                          if isinstance(v, float)), flush=True)
+    results = compare_ranks(args.ranks, init, dense, "tokens", batches, loss_fn, steps, calib,
+                            distill_batches, accuracy, ".2f")
     report("digits ViT, test accuracy", "accuracy %", dense_acc, results, args.out,
            {"steps": steps, "distill_steps": distill_steps, "seed": args.seed})
 
