@@ -17,8 +17,11 @@ Columns, each timed side by side in one run on the same input:
 - dense:       ``torch.compile`` of the dense stack (cuBLAS GEMMs, Inductor for the rest);
                the baseline of every ratio ("x" = dense ms / column ms);
 - STL fused:   ``stl_compile(stack, (x,), STLConfig(rank=24, targets=("linear",)))``: every
-               nn.Linear is an STL site, the fusion pass on (SwiGLU / GELU boundaries become
-               one decode→act→encode op), Inductor backend, static shapes;
+               nn.Linear is an STL site, the fusion passes on (SwiGLU / GELU boundaries become
+               one decode→act→encode op, residual + RMSNorm/LayerNorm boundaries one
+               decode→norm→encode row-strip op), Inductor backend, static shapes;
+- STL fused, no row-strip: the same with ``fuse_row_strip=False`` (residual + norm
+               boundaries stay decoded: the fusion of issue 4 before row strips);
 - STL unfused: the same with ``fuse=False``;
 - 2:4:         magnitude 2:4 pruning of every nn.Linear weight, ``to_sparse_semi_structured``
                (cuSPARSELt), ``torch.compile``; a layer whose conversion fails stays dense and
@@ -185,12 +188,12 @@ class Columns:
 
 
 def stl_column(cols: Columns, name: str, model: nn.Module, x: Tensor, fuse: bool,
-               measure: bool) -> Any:
+               row_strip: bool, measure: bool) -> Any:
     """Convert with stl_compile, compile, time; returns the report (None on failure)."""
     args = cols.args
     config = stl.STLConfig(tile=TILE, rank=args.rank, basis=args.basis, fuse=fuse,
-                           targets=("linear",), row_grouping=args.row_grouping,
-                           measure_error=measure)
+                           fuse_row_strip=row_strip, targets=("linear",),
+                           row_grouping=args.row_grouping, measure_error=measure)
     try:
         start = time.perf_counter()
         module = stl.stl_compile(model, (x,), config, dynamic_shapes=None,
@@ -309,18 +312,22 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device, s
                 cols.add({"method": "dense", "error": f"{type(err).__name__}: {err}"[:3000]})
             free_memory(device)
         reports = {}
-        for fuse in (True, False):
-            name = f"STL r={args.rank} {'fused' if fuse else 'unfused'}"
+        fused, no_strip, unfused = (f"STL r={args.rank} {k}" for k in (
+            "fused", "fused, no row-strip", "unfused"))
+        for name, fuse, row_strip in ((fused, True, True), (no_strip, True, False),
+                                      (unfused, False, False)):
             if not cols.over_budget(name):
-                measure = fuse and not args.no_measure_error
-                reports[name] = stl_column(cols, name, model, x, fuse, measure)
+                measure = name == fused and not args.no_measure_error
+                reports[name] = stl_column(cols, name, model, x, fuse, row_strip, measure)
         outs = cols.outputs
-        fused, unfused = (f"STL r={args.rank} {k}" for k in ("fused", "unfused"))
         if fused in outs and unfused in outs:
             entry["rel_diff_fused_vs_unfused"] = rel_error(outs[fused], outs[unfused])
             row = next(r for r in cols.rows if r["method"] == fused)
-            other = next(r for r in cols.rows if r["method"] == unfused)
-            row["fuse_gain"] = other["ms"] / row["ms"]
+            for other_name, key in ((unfused, "fuse_gain"), (no_strip, "row_strip_gain")):
+                other = next((r for r in cols.rows if r["method"] == other_name and "ms" in r),
+                             None)
+                if other is not None:
+                    row[key] = other["ms"] / row["ms"]
         if not args.no_sparse and not cols.over_budget("2:4"):
             sparse_column(cols, model, x)
     entry["rows"] = cols.rows
@@ -344,10 +351,11 @@ def print_summary(result: dict, args: argparse.Namespace) -> None:
         print(HEADER)
         for row in rows:
             print(format_row(row, dense))
-        fused = next((r for r in rows if r["method"].endswith("fused")
-                      and not r["method"].endswith("unfused") and "ms" in r), None)
+        fused = next((r for r in rows if r["method"].endswith(" fused") and "ms" in r), None)
         if fused is not None and dense:
             print(f"  fusion gain (unfused ms / fused ms): {fused.get('fuse_gain', 0):.2f}; "
+                  f"row-strip gain (no row-strip ms / fused ms): "
+                  f"{fused.get('row_strip_gain', 0):.2f}; "
                   f"fused vs unfused output rel. diff: "
                   f"{entry.get('rel_diff_fused_vs_unfused', float('nan')):.2e}; "
                   f"ideal GEMM-only x = t^3/r = {fused['ideal_gemm_x']:.2f}")

@@ -49,7 +49,9 @@ class STLConfig:
             position of t sequences: causality-safe for decoders).
         decompose_sdpa: rewrite ``scaled_dot_product_attention`` into explicit matmuls so its
             QKᵀ and AV become STL sites.
-        fuse: run the decode→encode fusion pass.
+        fuse: run the decode→encode fusion passes.
+        fuse_row_strip: with ``fuse``, also fuse decode → residual add → LayerNorm/RMSNorm →
+            encode into one row-strip op (off: those boundaries stay unfused, for comparison).
         measure_error: run the example inputs through each converted site and report its
             relative output error.
         seed: seed of random / pruned bases.
@@ -66,6 +68,7 @@ class STLConfig:
     row_grouping: str = "tokens"
     decompose_sdpa: bool = False
     fuse: bool = True
+    fuse_row_strip: bool = True
     measure_error: bool = True
     seed: int = 0
 

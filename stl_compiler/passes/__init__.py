@@ -14,6 +14,7 @@ from torch import fx
 from .context import PassContext
 from .decompose_sdpa import decompose_sdpa
 from .fuse_decode_encode import fuse_decode_encode
+from .fuse_row_strip import fuse_row_strip
 from .lower_sites import lower_sites
 from .record_site_io import record_site_io
 from .rewrite_linear import rewrite_linear
@@ -28,6 +29,7 @@ PASSES: list[Pass] = [
     rewrite_linear,
     rewrite_matmul,
     lower_sites,
+    fuse_row_strip,
     fuse_decode_encode,
 ]
 

@@ -70,6 +70,19 @@ def insert_call(graph: fx.Graph, target, args: tuple, meta_from: fx.Node,
     return node
 
 
+def erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase those of ``nodes`` that are (or become) unused."""
+    alive = list(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(alive):
+            if not node.users:
+                graph.erase_node(node)
+                alive.remove(node)
+                changed = True
+
+
 def set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     """Place ``module`` at ``path``, replacing what is there and creating parents as needed."""
     parent_path, _, name = path.rpartition(".")

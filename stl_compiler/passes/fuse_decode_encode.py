@@ -26,7 +26,7 @@ from torch import fx
 
 from ..report import BoundaryRow
 from ..runtime import ops as _ops  # noqa: F401  (registers the stl:: ops named below)
-from ._graph import aten, concrete, insert_call, module_path, parameter_of
+from ._graph import aten, concrete, erase_dead, insert_call, module_path, parameter_of
 from .context import PassContext
 
 stl = torch.ops.stl
@@ -83,6 +83,15 @@ class Branch:
         return self.arg("cols")
 
 
+def is_identity(node: object) -> bool:
+    """An op that returns its input's values: an alias, or dropout outside training."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target is aten.dropout.default:
+        return node.args[2] is False if len(node.args) > 2 else node.kwargs.get("train") is False
+    return node.target is aten.alias.default
+
+
 def _activation_of(node: object) -> str | None:
     if not isinstance(node, fx.Node):
         return None
@@ -93,7 +102,7 @@ def _activation_of(node: object) -> str | None:
     return None
 
 
-def _parse_branch(gm: fx.GraphModule, node: object, allow_activation: bool) -> Branch | None:
+def parse_branch(gm: fx.GraphModule, node: object, allow_activation: bool) -> Branch | None:
     chain = []
     activation = _activation_of(node) if allow_activation else None
     if activation:
@@ -110,7 +119,7 @@ def _parse_branch(gm: fx.GraphModule, node: object, allow_activation: bool) -> B
                 break
         else:
             return None
-    while isinstance(node, fx.Node) and node.target is aten.alias.default:
+    while is_identity(node):
         chain.append(node)
         node = node.args[0]
     if not (isinstance(node, fx.Node) and node.target in _DECODE_ARGS):
@@ -126,8 +135,8 @@ def _parse_glu(gm: fx.GraphModule, node: fx.Node) -> list[Branch] | None:
     if node.target is not aten.mul.Tensor or not all(isinstance(a, fx.Node)
                                                       for a in node.args[:2]):
         return None
-    gate = _parse_branch(gm, node.args[0], True)
-    up = _parse_branch(gm, node.args[1], False)
+    gate = parse_branch(gm, node.args[0], True)
+    up = parse_branch(gm, node.args[1], False)
     if gate is None or up is None or gate.activation == "none":
         return None
     if str(gate.rows) != str(up.rows) or str(gate.cols) != str(up.cols):
@@ -171,7 +180,8 @@ class EncodedLayout:
         target = node.target
         old = node.args[0].meta["val"].shape
         new = node.meta["val"].shape
-        if target in (aten.clone.default, aten.alias.default, aten.contiguous.default):
+        if target in (aten.clone.default, aten.alias.default, aten.contiguous.default,
+                      aten.dropout.default):  # dropout only outside training (is_identity)
             return
         if target is aten.slice.Tensor:
             if [str(d) for d in old] != [str(d) for d in new]:
@@ -262,17 +272,18 @@ def _static(*dims) -> bool:
 def _layout_chain(enc: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """Walk back from an encode through single-use layout ops: (value, ops in forward order)."""
     node, chain = enc.args[0], []
-    while (isinstance(node, fx.Node) and node.target in _LAYOUT and len(node.users) == 1):
+    while (isinstance(node, fx.Node) and (node.target in _LAYOUT or is_identity(node))
+           and len(node.users) == 1):
         chain.append(node)
         node = node.args[0]
     return node, chain[::-1]
 
 
-def _site(node: fx.Node) -> str:
+def site_name(node: fx.Node) -> str:
     return module_path(node) or node.name
 
 
-def _bytes(node: fx.Node) -> int:
+def value_bytes(node: fx.Node) -> int:
     val = node.meta["val"]
     numel = 1
     for dim in val.shape:
@@ -297,7 +308,7 @@ def fuse_decode_encode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if consumers is None:
             continue
         top, scale, scale_chain = _strip_scale(value)
-        branches = _parse_glu(gm, top) or ([b] if (b := _parse_branch(gm, top, True)) else None)
+        branches = _parse_glu(gm, top) or ([b] if (b := parse_branch(gm, top, True)) else None)
         if branches is None or not _region_is_private(branches, scale_chain, value):
             continue
         tile = branches[0].tile
@@ -310,7 +321,7 @@ def fuse_decode_encode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             transposed = layout.transposed() if layout else False
         except LayoutError as err:
             ctx.report.boundaries.append(BoundaryRow(
-                _site(branches[0].decode), [_site(enc)], "not fused", f"layout: {err}"))
+                site_name(branches[0].decode), [site_name(enc)], "not fused", f"layout: {err}"))
             fused.update(b.decode for b in branches)  # reported; skip the generic row
             continue
         algebraic = len(branches) == 1 and branches[0].activation == "none"
@@ -320,11 +331,11 @@ def fuse_decode_encode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                  layout_ops)
         fused.update(b.decode for b in branches)
         ctx.report.boundaries.append(BoundaryRow(
-            producer=" * ".join(_site(b.decode) for b in branches),
-            consumers=[_site(c) for c in consumers],
+            producer=" * ".join(site_name(b.decode) for b in branches),
+            consumers=[site_name(c) for c in consumers],
             kind="algebraic" if algebraic else "elementwise",
             reason=_describe(branches, scale, layout_ops, transposed),
-            bytes_saved=2 * sum(_bytes(b.decode) for b in branches)))
+            bytes_saved=2 * sum(value_bytes(b.decode) for b in branches)))
     _report_unfused(graph, ctx, fused)
     return gm
 
@@ -366,9 +377,7 @@ def _replace(graph: fx.Graph, first: fx.Node, branches: list[Branch], consumers:
     tile = branches[0].tile
     rows, cols = branches[0].rows, branches[0].cols
     with graph.inserting_before(first):
-        encoders = [c.args[1] for c in consumers]
-        ex = encoders[0] if len(encoders) == 1 else insert_call(
-            graph, aten.cat.default, (encoders, 0), first)
+        ex = stacked_encoder(graph, consumers, first)
         if transposed:  # the consumer encodes tileᵀ: permute the encoder's tile columns
             ex = insert_call(graph, _transpose_tile_columns, (ex, tile), first)
         g = branches[0]
@@ -390,17 +399,31 @@ def _replace(graph: fx.Graph, first: fx.Node, branches: list[Branch], consumers:
                 rank = out.meta["val"].shape[0]
                 args = ([rank if a is _RANK else a for a in args[0]],)
             out = insert_call(graph, op, (out, *args), first)
-        offset = 0
-        for consumer in consumers:
-            rank = consumer.meta["val"].shape[0]
-            part = out if len(consumers) == 1 else insert_call(
-                graph, aten.slice.Tensor, (out, 0, offset, offset + rank), first)
-            offset += rank
-            consumer.replace_all_uses_with(part)
+        hand_over(graph, consumers, out, first)
+    erase_dead(graph, layout_ops[::-1] + [n for b in branches for n in b.chain]
+                + [b.decode for b in branches])
+
+
+def stacked_encoder(graph: fx.Graph, consumers: list[fx.Node], first: fx.Node) -> fx.Node:
+    """The encoders of ``consumers`` (encodes of one value) stacked along the rank dim, so the
+    value is encoded by one op."""
+    encoders = [c.args[1] for c in consumers]
+    return encoders[0] if len(encoders) == 1 else insert_call(
+        graph, aten.cat.default, (encoders, 0), first)
+
+
+def hand_over(graph: fx.Graph, consumers: list[fx.Node], out: fx.Node, first: fx.Node) -> None:
+    """Give each consumer encode its rank slice of ``out`` (encoded with
+    :func:`stacked_encoder`) and erase the consumers."""
+    offset = 0
+    for consumer in consumers:
+        rank = consumer.meta["val"].shape[0]
+        part = out if len(consumers) == 1 else insert_call(
+            graph, aten.slice.Tensor, (out, 0, offset, offset + rank), first)
+        offset += rank
+        consumer.replace_all_uses_with(part)
     for consumer in consumers:
         graph.erase_node(consumer)
-    _erase_dead(graph, layout_ops[::-1] + [n for b in branches for n in b.chain]
-                + [b.decode for b in branches])
 
 
 def _transpose_tile_columns(ex: torch.Tensor, tile: int) -> torch.Tensor:
@@ -408,22 +431,11 @@ def _transpose_tile_columns(ex: torch.Tensor, tile: int) -> torch.Tensor:
     return ex.reshape(ex.shape[0], tile, tile).transpose(1, 2).reshape(ex.shape[0], -1)
 
 
-def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    alive = list(nodes)
-    changed = True
-    while changed:
-        changed = False
-        for node in list(alive):
-            if not node.users:
-                graph.erase_node(node)
-                alive.remove(node)
-                changed = True
-
-
 def _report_unfused(graph: fx.Graph, ctx: PassContext, done: set[fx.Node]) -> None:
     """A row for every remaining decode whose value reaches an encode, with the reason."""
     for decode in graph.nodes:
-        if decode.target not in _DECODE_ARGS or decode in done:
+        if (decode.target not in _DECODE_ARGS or decode in done
+                or decode.name in ctx.reported_decodes):
             continue
         seen, frontier, between, encodes = set(), [decode], [], []
         for _ in range(12):
@@ -442,9 +454,12 @@ def _report_unfused(graph: fx.Graph, ctx: PassContext, done: set[fx.Node]) -> No
         ops = sorted({str(getattr(n.target, "overloadpacket", n.target)) for n in between
                       if n.op == "call_function"})
         row_wise = any(n.target in _ROW_WISE for n in between)
-        reason = ("row-wise ops between (row-strip fusion is not implemented)" if row_wise
+        row_reason = ("row-wise ops between that row-strip fusion does not match"
+                      if ctx.config.fuse_row_strip else
+                      "row-wise ops between (row-strip fusion is off: STLConfig.fuse_row_strip)")
+        reason = (row_reason if row_wise
                   else "ops between are not element-wise or layout, or the decoded value is "
                        "used elsewhere")
         ctx.report.boundaries.append(BoundaryRow(
-            producer=_site(decode), consumers=sorted({_site(e) for e in encodes}),
+            producer=site_name(decode), consumers=sorted({site_name(e) for e in encodes}),
             kind="not fused", reason=f"{reason}: {', '.join(ops[:6])}"))

@@ -235,7 +235,7 @@ def _register_recompute_autograd(op, composite) -> None:
         ctx.constants = [None if t else v for v, t in zip(inputs, ctx.is_tensor)]
         ctx.save_for_backward(*[v for v in inputs if isinstance(v, Tensor)])
 
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         saved = iter(ctx.saved_tensors)
         args = [next(saved).detach().requires_grad_(need) if is_tensor else constant
                 for is_tensor, constant, need in
@@ -243,9 +243,13 @@ def _register_recompute_autograd(op, composite) -> None:
         wanted = [a for a, need in zip(args, ctx.needs_input_grad)
                   if need and isinstance(a, Tensor)]
         with torch.enable_grad():
-            out = composite(*args)
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
-        return tuple(next(grads) if need and isinstance(a, Tensor) else None
+            outs = composite(*args)
+        # Outputs that do not depend on the inputs (an empty ``keep``) or got no gradient drop out.
+        pairs = [(o, g) for o, g in zip(outs if isinstance(outs, tuple) else (outs,), grads)
+                 if g is not None and o.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                         allow_unused=True) if pairs else [None] * len(wanted))
+        return tuple(next(found) if need and isinstance(a, Tensor) else None
                      for a, need in zip(args, ctx.needs_input_grad))
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -308,3 +312,133 @@ def _reencode_fake(encoded, d, bias, ex, scale, tile, rows, cols):
 
 _register_recompute_autograd(reencode, reencode_aten)
 DECOMPOSITIONS[torch.ops.stl.reencode.default] = reencode_aten
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-strip fusion: decode → bias → residual add → LayerNorm / RMSNorm → encode. The norm mixes
+# the columns of a row but never rows, so a strip of t rows is decoded, normalized and encoded
+# on its own; only the tensor the rest of the graph still reads (``keep``) is written.
+
+NORMS = ("layer", "rms")
+KEEPS = ("sum", "normed", "none")
+
+
+def _check_row_norm(norm: str, keep: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; supported: {NORMS}")
+    if keep not in KEEPS:
+        raise ValueError(f"unknown keep {keep!r}; supported: {KEEPS}")
+
+
+def row_norm(h: Tensor, norm: str, weight: Tensor | None, bias: Tensor | None,
+             eps: float | None) -> Tensor:
+    """LayerNorm or RMSNorm over the last dim, computed in (at least) float32 and rounded to
+    ``h.dtype`` before the affine weight and bias (as HF's ``LlamaRMSNorm`` does;
+    ``nn.LayerNorm`` rounds once after them: one rounding apart in 16-bit dtypes)."""
+    h32 = h.to(torch.promote_types(h.dtype, torch.float32))
+    eps = torch.finfo(h.dtype).eps if eps is None else eps
+    if norm == "layer":
+        h32 = h32 - h32.mean(-1, keepdim=True)
+    n = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    if weight is not None:
+        n = n * weight.to(h.dtype)
+    if bias is not None:
+        n = n + bias.to(h.dtype)
+    return n
+
+
+def check_residual(residual: Tensor | None, shape: tuple[int, ...]) -> None:
+    """The residual must broadcast to the decoded ``shape`` over its batch dims only."""
+    if residual is None:
+        return
+    fits = (residual.dim() <= len(shape) and tuple(residual.shape[-2:]) == tuple(shape[-2:])
+            and all(r in (1, s) for r, s in zip(residual.shape[::-1], shape[::-1])))
+    if not fits:
+        raise ValueError(f"stl::decode_norm_encode: a residual of shape {tuple(residual.shape)} "
+                         f"does not broadcast to the decoded {tuple(shape)} over batch dims")
+
+
+def decode_norm_encode_aten(encoded: Tensor, d: Tensor, bias: Tensor | None,
+                            residual: Tensor | None, norm: str, weight: Tensor | None,
+                            norm_bias: Tensor | None, eps: float | None, ex: Tensor, keep: str,
+                            tile: int, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    """``h = residual + decode(encoded, d) + bias`` (the residual broadcast over batch dims),
+    ``n = norm(h)``; returns ``(kept, encode(n, ex))`` where ``kept`` is ``h``
+    (``keep="sum"``), ``n`` (``"normed"``) or an empty tensor."""
+    _check_row_norm(norm, keep)
+    h = decode_epilogue_aten(encoded, d, bias, "none", 1.0, tile, rows, cols)
+    if residual is not None:
+        h = residual + h
+    n = row_norm(h, norm, weight, norm_bias, eps)
+    kept = {"sum": h, "normed": n}.get(keep, h.new_empty(0))
+    return kept, encode_aten(n, ex, tile)
+
+
+@torch.library.custom_op("stl::decode_norm_encode", mutates_args=())
+def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual: Tensor | None,
+                       norm: str, weight: Tensor | None, norm_bias: Tensor | None,
+                       eps: float | None, ex: Tensor, keep: str, tile: int, rows: int, cols: int
+                       ) -> tuple[Tensor, Tensor]:
+    """One layer's decode, bias and residual add, a LayerNorm/RMSNorm, and the next layers'
+    encode, in one op; see :func:`decode_norm_encode_aten`."""
+    _check_crop(encoded, tile, rows, cols)
+    check_residual(residual, (*encoded.shape[1:-2], rows, cols))
+    kept, out = decode_norm_encode_aten(encoded, d, bias, residual, norm, weight, norm_bias, eps,
+                                        ex, keep, tile, rows, cols)
+    return kept.contiguous(), out.contiguous()
+
+
+@decode_norm_encode.register_fake
+def _decode_norm_encode_fake(encoded, d, bias, residual, norm, weight, norm_bias, eps, ex, keep,
+                             tile, rows, cols):
+    _check_row_norm(norm, keep)
+    kept_shape = (0,) if keep == "none" else (*encoded.shape[1:-2], rows, cols)
+    return encoded.new_empty(kept_shape), encoded.new_empty((ex.shape[0], *encoded.shape[1:]))
+
+
+_register_recompute_autograd(decode_norm_encode, decode_norm_encode_aten)
+DECOMPOSITIONS[torch.ops.stl.decode_norm_encode.default] = decode_norm_encode_aten
+
+
+# Attention: decode(QKᵀ) → scale → mask → softmax → encode for AV, one strip of t query rows
+# at a time (softmax normalizes along the key dim, within a row).
+
+
+def _masked_scores(encoded: Tensor, d: Tensor, scale: float, mask: Tensor | None, causal: bool,
+                   tile: int, rows: int, cols: int) -> Tensor:
+    s = decode_aten(encoded, d, tile, rows, cols) * scale
+    if causal:
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return s
+
+
+def decode_softmax_encode_aten(encoded: Tensor, d: Tensor, scale: float, mask: Tensor | None,
+                               causal: bool, ex: Tensor, tile: int, rows: int, cols: int
+                               ) -> Tensor:
+    """``encode(softmax(scale * decode(encoded, d) + mask, -1), ex)``: ``mask`` is a boolean
+    tensor (True: masked out, as ``masked_fill``) or an additive one, broadcast to the scores;
+    ``causal`` masks keys after the query (``ones(rows, cols).tril()`` kept)."""
+    s = _masked_scores(encoded, d, scale, mask, causal, tile, rows, cols)
+    return encode_aten(torch.softmax(s, dim=-1), ex, tile)
+
+
+@torch.library.custom_op("stl::decode_softmax_encode", mutates_args=())
+def decode_softmax_encode(encoded: Tensor, d: Tensor, scale: float, mask: Tensor | None,
+                          causal: bool, ex: Tensor, tile: int, rows: int, cols: int) -> Tensor:
+    """Attention scores' decode, scale, mask and softmax, and the AV site's encode, in one op;
+    see :func:`decode_softmax_encode_aten`."""
+    _check_crop(encoded, tile, rows, cols)
+    return decode_softmax_encode_aten(encoded, d, scale, mask, causal, ex, tile, rows,
+                                      cols).contiguous()
+
+
+@decode_softmax_encode.register_fake
+def _decode_softmax_encode_fake(encoded, d, scale, mask, causal, ex, tile, rows, cols):
+    return encoded.new_empty((ex.shape[0], *encoded.shape[1:]))
+
+
+_register_recompute_autograd(decode_softmax_encode, decode_softmax_encode_aten)
+DECOMPOSITIONS[torch.ops.stl.decode_softmax_encode.default] = decode_softmax_encode_aten

@@ -106,8 +106,12 @@ def test_stl_compile_eager_parity(tmp_path, name, config, fuse):
     example = inputs(2, 6)
     compiled = _stl_compile(dense, example, config)
     fused_ops = {"stl.decode_act_encode.default", "stl.decode_glu_encode.default",
-                 "stl.reencode.default"}
-    assert bool(fused_ops & {str(n.target) for n in compiled.graph.nodes}) == fuse
+                 "stl.reencode.default", "stl.decode_norm_encode.default"}
+    targets = {str(n.target) for n in compiled.graph.nodes}
+    assert bool(fused_ops & targets) == fuse
+    # Fused, every block's residual + norm (and with the exact basis, softmax) is a row strip.
+    assert ("stl.decode_norm_encode.default" in targets) == (fuse and name != "mlp")
+    assert ("stl.decode_softmax_encode.default" in targets) == (fuse and name == "vit")
     path = export_onnx(compiled, example, tmp_path / f"{name}.onnx")
     assert all("::" not in op for op in onnx_op_types(path))
     assert unsupported_tensorrt_ops(path) == {}

@@ -81,14 +81,19 @@ def test_prenorm_residual_block(norm, basis):
 
 
 # Per model with 2 blocks: (reencode ops, decode_act_encode, decode_glu_encode,
-# decodes removed, encodes removed). Algebraic per block: Q, K, V -> QKᵀ/AV and AV -> out
-# (4), except Llama where rotary embeddings keep Q and K decoded (2); the MLP boundary is
-# GELU (element-wise) or SwiGLU (gated: two decodes into one encode).
+# decode_norm_encode, decode_softmax_encode, decodes removed, encodes removed). Algebraic per
+# block: Q, K, V -> QKᵀ/AV and AV -> out (4), except Llama where rotary embeddings keep Q and K
+# decoded (2); the MLP boundary is GELU (element-wise) or SwiGLU (gated: two decodes into one
+# encode). Row strips: the attention softmax of every block (QKᵀ -> AV), and every norm reading
+# a decoded sum (residual + norm), i.e. all but the first (it reads the embedding) and, in BERT,
+# the last (the pooler reads one token); the repo ViT's first norm reads the patch embedding (an
+# STL site) plus the positional embedding. Each row strip removes one decode and the encodes of
+# every site reading it (3 for Q/K/V, 2 for gate/up).
 EXPECTED = {
-    "vit": (8, 2, 0, 10, 10),
-    "bert": (8, 2, 0, 10, 10),
-    "llama": (4, 0, 2, 8, 6),
-    "decoder": (8, 0, 2, 12, 10),
+    "vit": (8, 2, 0, 4, 2, 10 + 4 + 2, 10 + 3 + 1 + 3 + 1 + 2),
+    "bert": (8, 2, 0, 3, 2, 10 + 3 + 2, 10 + 1 + 3 + 1 + 2),
+    "llama": (4, 0, 2, 4, 2, 8 + 4 + 2, 6 + 2 + 3 + 2 + 1 + 2),
+    "decoder": (8, 0, 2, 4, 2, 12 + 4 + 2, 10 + 2 + 3 + 2 + 1 + 2),
 }
 
 
@@ -100,10 +105,12 @@ def test_models_agree_and_counts_drop(name, basis):
     b, s = case.example
     plain, fused = _pair(model, case.args(b, s), case.kwargs(b, s),
                          decompose_sdpa=case.uses_sdpa, **basis)
-    reencodes, act, glu, decodes_removed, encodes_removed = EXPECTED[name]
+    reencodes, act, glu, norms, softmaxes, decodes_removed, encodes_removed = EXPECTED[name]
     assert _count(fused, stl.reencode) == reencodes
     assert _count(fused, stl.decode_act_encode) == act
     assert _count(fused, stl.decode_glu_encode) == glu
+    assert _count(fused, stl.decode_norm_encode) == norms
+    assert _count(fused, stl.decode_softmax_encode) == softmaxes
     assert _decodes(plain) - _decodes(fused) == decodes_removed
     assert _count(plain, stl.encode) - _count(fused, stl.encode) == encodes_removed
     # no decoded tensor at an algebraically fused boundary: its producer has no decode left

@@ -494,3 +494,124 @@ def test_fused_decompositions_match_ops():
     assert torch.equal(decomp[torch.ops.stl.decode_glu_encode.default](
         encoded, d, bias, encoded, d, None, ex, "silu", 1.0, 2, 3, 5),
         ops.decode_glu_encode(encoded, d, bias, encoded, d, None, ex, "silu", 1.0, 2, 3, 5))
+
+
+# --- row-strip fusion: decode → residual → norm → encode -------------------------------------
+
+def ref_norm(h: torch.Tensor, norm: str, weight, bias, eps: float) -> torch.Tensor:
+    if norm == "layer":
+        return F.layer_norm(h, h.shape[-1:], weight, bias, eps)
+    n = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return n * weight if weight is not None else n
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("keep", ["sum", "normed", "none"])
+@pytest.mark.parametrize("rows, cols", CROPS)
+def test_decode_norm_encode_equals_unfused(norm, keep, rows, cols):
+    t = 2
+    encoded, d, ex = _operands(t=t)
+    bias, residual = torch.randn(cols, dtype=f64), torch.randn(2, rows, cols, dtype=f64)
+    weight = torch.randn(cols, dtype=f64)
+    norm_bias = torch.randn(cols, dtype=f64) if norm == "layer" else None
+    kept, out = ops.decode_norm_encode(encoded, d, bias, residual, norm, weight, norm_bias, 1e-5,
+                                       ex, keep, t, rows, cols)
+    h = residual + ref_decode(encoded, d, t)[..., :rows, :cols] + bias
+    n = ref_norm(h, norm, weight, norm_bias, 1e-5)
+    assert rel_err(out, repad_and_encode(n, ex, t, (4, 6))) < 1e-12
+    expected_kept = {"sum": h, "normed": n, "none": torch.zeros(0, dtype=f64)}[keep]
+    assert kept.shape == expected_kept.shape
+    assert keep == "none" or rel_err(kept, expected_kept) < 1e-12
+
+
+def test_decode_norm_encode_optional_operands_and_broadcast_residual():
+    t = 2
+    encoded, d, ex = _operands(t=t, batch=(2, 3))
+    residual = torch.randn(3, 3, 5, dtype=f64)  # broadcast over the leading batch dim
+    kept, out = ops.decode_norm_encode(encoded, d, None, residual, "rms", None, None, None, ex,
+                                       "sum", t, 3, 5)
+    h = residual + ref_decode(encoded, d, t)[..., :3, :5]
+    n = ref_norm(h, "rms", None, None, torch.finfo(f64).eps)  # eps None: the dtype's epsilon
+    assert kept.shape == (2, 3, 3, 5) and rel_err(kept, h) < 1e-12
+    assert rel_err(out, repad_and_encode(n, ex, t, (4, 6))) < 1e-12
+    _, out = ops.decode_norm_encode(encoded, d, None, None, "layer", None, None, 1e-5, ex,
+                                    "none", t, 3, 5)
+    n = ref_norm(ref_decode(encoded, d, t)[..., :3, :5], "layer", None, None, 1e-5)
+    assert rel_err(out, repad_and_encode(n, ex, t, (4, 6))) < 1e-12
+
+
+def test_decode_norm_encode_rejects_bad_arguments():
+    encoded, d, ex = _operands()
+    with pytest.raises(ValueError, match="unknown norm 'batch'"):
+        ops.decode_norm_encode(encoded, d, None, None, "batch", None, None, 1e-5, ex, "sum", 2,
+                               3, 5)
+    with pytest.raises(ValueError, match="unknown keep 'both'"):
+        ops.decode_norm_encode(encoded, d, None, None, "rms", None, None, 1e-5, ex, "both", 2, 3,
+                               5)
+    with pytest.raises(ValueError, match=r"residual of shape \(2, 3, 4\) does not broadcast"):
+        ops.decode_norm_encode(encoded, d, None, torch.randn(2, 3, 4, dtype=f64), "rms", None,
+                               None, 1e-5, ex, "sum", 2, 3, 5)
+
+
+@pytest.mark.parametrize("norm, keep", [("layer", "sum"), ("rms", "normed"), ("layer", "none")])
+def test_gradcheck_decode_norm_encode(norm, keep):
+    encoded, d, ex = _operands()
+    args = _req(encoded, d, torch.randn(5, dtype=f64), torch.randn(2, 3, 5, dtype=f64),
+                torch.randn(5, dtype=f64), torch.randn(5, dtype=f64), ex)
+
+    def f(e, dd, b, res, w, nb, x):
+        return ops.decode_norm_encode(e, dd, b, res, norm, w, nb if norm == "layer" else None,
+                                      1e-5, x, keep, 2, 3, 5)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_opcheck_and_decomposition_decode_norm_encode():
+    encoded, d, ex = _operands()
+    args = (*_req(encoded, d, torch.randn(5, dtype=f64), torch.randn(2, 3, 5, dtype=f64),
+                  ), "layer", torch.randn(5, dtype=f64), torch.randn(5, dtype=f64), 1e-5, ex,
+            "sum", 2, 3, 5)
+    torch.library.opcheck(ops.decode_norm_encode, args, test_utils=FAST_OPCHECKS)
+    decomposed = ops.DECOMPOSITIONS[torch.ops.stl.decode_norm_encode.default](*args)
+    for a, b in zip(decomposed, ops.decode_norm_encode(*args)):
+        assert torch.equal(a, b)
+
+
+# --- row-strip fusion: decode(QKᵀ) → scale → mask → softmax → encode ---------------------------
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rows, cols", [(4, 6), (3, 5), (4, 4), (3, 3)])
+def test_decode_softmax_encode_equals_unfused(mask_kind, causal, rows, cols):
+    t = 2
+    encoded, d, ex = _operands(t=t, c=3 if cols > 4 else 2)
+    mask = {"none": None, "bool": torch.rand(2, 1, cols) < 0.3,
+            "additive": torch.randn(rows, cols, dtype=f64)}[mask_kind]
+    if mask_kind == "bool":
+        mask[..., 0] = False  # keep one key per row: a fully masked row is NaN either way
+    out = ops.decode_softmax_encode(encoded, d, 0.7, mask, causal, ex, t, rows, cols)
+    s = ref_decode(encoded, d, t)[..., :rows, :cols] * 0.7
+    if causal:
+        s = s + torch.zeros(rows, cols, dtype=f64).masked_fill(
+            torch.arange(cols)[None, :] > torch.arange(rows)[:, None], float("-inf"))
+    if mask_kind == "bool":
+        s = s.masked_fill(mask, float("-inf"))
+    elif mask_kind == "additive":
+        s = s + mask
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p = p / p.sum(-1, keepdim=True)
+    padded = (ceil_div(rows, t) * t, ceil_div(cols, t) * t)
+    assert rel_err(out, repad_and_encode(p, ex, t, padded)) < 1e-12
+
+
+def test_gradcheck_opcheck_and_decomposition_decode_softmax_encode():
+    encoded, d, ex = _operands()
+    encoded, d, ex = _req(encoded, d, ex)
+    mask = torch.randn(3, 5, dtype=f64)
+    assert torch.autograd.gradcheck(
+        lambda e, dd, x: ops.decode_softmax_encode(e, dd, 0.5, mask, True, x, 2, 3, 5),
+        (encoded, d, ex))
+    args = (encoded, d, 0.5, torch.rand(2, 3, 5) < 0.2, False, ex, 2, 3, 5)
+    torch.library.opcheck(ops.decode_softmax_encode, args, test_utils=FAST_OPCHECKS)
+    decomposed = ops.DECOMPOSITIONS[torch.ops.stl.decode_softmax_encode.default](*args)
+    assert torch.equal(decomposed, ops.decode_softmax_encode(*args))
