@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call = one stage (each must end well inside the 10-minute limit):
-#   bash benchmarks/device_run.sh tests|mlp|model|passes|deploy|layer
+#   bash benchmarks/device_run.sh tests|mlp|model|passes|deploy|layer|strip
 # Writes logs and JSON under $OUT. Records the device, versions and commit first.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 STL_COMMIT="${STL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
@@ -14,9 +14,10 @@ case "$1" in
   tests)   timeout 420 python3 -m pytest -q -p no:cacheprovider ${STL_TESTS:-tests/runtime/test_triton_kernels.py \
              tests/passes tests/test_api.py} 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
   mlp)     timeout 420 python3 benchmarks/bench_mlp_block.py 2>&1 | tee "$OUT/mlp_block.log" ;;
-  model)   timeout 560 python3 benchmarks/bench_model.py 2>&1 | tee "$OUT/model.log" ;;
+  model)   timeout 560 python3 benchmarks/bench_model.py ${STL_MODEL_ARGS:-} 2>&1 | tee "$OUT/model.log" ;;
   passes)  timeout 400 python3 benchmarks/bench_pass_time.py 2>&1 | tee "$OUT/pass_time.log" ;;
   deploy)  timeout 400 python3 benchmarks/device_deploy_check.py 2>&1 | tee "$OUT/deploy.log" ;;
   layer)   timeout 560 python3 benchmarks/bench_layer.py 2>&1 | tee "$OUT/layer.log" ;;
+  strip)   timeout 300 python3 benchmarks/bench_row_strip.py 2>&1 | tee "$OUT/row_strip.log" ;;
   *) echo "unknown stage $1"; exit 2 ;;
 esac

@@ -12,6 +12,11 @@ decode never writes the padding, the fused kernels zero it before re-encoding). 
 over blocks (``CONFIGS``: a fixed number per multiprocessor) and load the next block before
 working on the current one, so two blocks of reads are in flight per program.
 
+The row-strip kernel (``stl::decode_norm_encode``: decode, bias, residual add, LayerNorm /
+RMSNorm, encode) is the one exception to a single pass: a norm needs a whole row's statistics
+before any of the row is written, so a program owns a strip of t rows (one tile-row) and walks
+its column blocks twice, re-reading its inputs the second time (docs/kernel_notes.md).
+
 The launchers work on CUDA tensors, and on CPU tensors when the module was imported under
 ``TRITON_INTERPRET=1`` (the CI check in ``tests/runtime/test_triton_kernels.py``).
 """
@@ -36,9 +41,11 @@ SUPPORTED_TILES = (4,)
 MAX_RANK = 64
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Triton's interpreter multiplies bf16 dot operands as their raw 16-bit patterns; under it the
-# operands are upcast to fp32 first (exact for bf16, and the dot accumulates in fp32 anyway).
-_UPCAST_DOT = tl.constexpr(bool(triton.knobs.runtime.interpret))
+# Whether the kernels run under Triton's interpreter, which differs from the GPU twice: it
+# multiplies bf16 dot operands as their raw 16-bit patterns (``_dot`` upcasts them to fp32
+# first: exact for bf16, and the dot accumulates in fp32 anyway), and it truncates fp32 → bf16
+# conversions where the GPU rounds to nearest even (``_round``).
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 #: Launch shapes per kernel kind and padded rank: (BI, BJ, num_warps, programs per SM,
 #: register cap). BI*BJ tiles are one ``tl.dot`` M dimension; BJ*t*elem_size bytes is the
@@ -51,6 +58,15 @@ CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
     "encode": {16: (4, 64, 4, 4, 0), 32: (4, 64, 4, 8, 0), 64: (2, 64, 4, 4, 0)},
     "decode": {16: (4, 64, 4, 0, 0), 32: (2, 64, 4, 8, 0), 64: (2, 64, 4, 4, 0)},
     "fused": {16: (1, 128, 4, 4, 0), 32: (1, 128, 4, 4, 0), 64: (1, 128, 4, 4, 0)},
+    # decode_norm_encode (keyed like "fused"): BI is 1, a program owns whole strips (one
+    # tile-row, every column tile) and walks a strip's BJ-tile column blocks twice. One program
+    # per strip (0 per SM) won at padded ranks 16 and 32: strips are independent and long
+    # (2·⌈c/BJ⌉ block steps each), the kernel is latency-bound, and capping the resident strips
+    # (2–3 looping programs per SM, meant to keep the second pass's re-reads in L2) lost 15–40 %
+    # in latency hiding. The register caps buy occupancy (80 regs: 6 programs of 4 warps per SM
+    # instead of 4) for a few spilled bytes; rank 49 prefers small looping programs. H200 sweep,
+    # docs/kernel_notes.md ("Row-strip kernel").
+    "row_norm": {16: (1, 128, 4, 0, 128), 32: (1, 64, 4, 0, 80), 64: (1, 64, 2, 8, 0)},
 }
 
 
@@ -101,9 +117,28 @@ def _activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _round(v, dtype: tl.constexpr):
+    """``v`` rounded to ``dtype`` to nearest even, as the GPU converts (and the aten composite
+    rounds); under the interpreter, which truncates fp32 → bf16, the rounding is done on the
+    fp32 bits first so that its truncation is exact."""
+    if _INTERPRETED and dtype == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _sum(v, axis: tl.constexpr):
+    # What tl.sum does for fp32 (tl.sum itself is a compiled-only @jit function, as tl.sigmoid);
+    # the interpreter maps this combine function to numpy's sum.
+    return tl.reduce(v, axis, tl.standard._sum_combine)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     # fp32 operands: "ieee" keeps fp32 accuracy (tf32 would give ~3e-4 relative error).
-    if _UPCAST_DOT:
+    if _INTERPRETED:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -129,6 +164,32 @@ def _load_plain(ptr, blk, n_blocks, n_bi, n_bj, N, K, s_b, s_n, s_k,
     mask = (rows < N)[:, None] & (cols < K)[None, :] & (blk < n_blocks)
     return tl.load(ptr + b * s_b + rows[:, None] * s_n + cols[None, :] * s_k, mask=mask,
                    other=0.0)
+
+
+@triton.jit
+def _to_tile_vectors(x, T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """A plain ``(BI*t, BJ*t)`` block → ``(BI*BJ, t*t)``, one row-major tile vector per row."""
+    # (BI*t, BJ*t) → (BI, t, BJ, t) → (BI, BJ, t, t) → (BI*BJ, t*t).
+    return tl.reshape(tl.permute(tl.reshape(x, (BI, T, BJ, T)), (0, 2, 1, 3)), (BI * BJ, T * T))
+
+
+@triton.jit
+def _to_plain_block(y, T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """Tile vectors ``(BI*BJ, t*t)`` → the plain ``(BI*t, BJ*t)`` block (inverse of the above)."""
+    return tl.reshape(tl.permute(tl.reshape(y, (BI, BJ, T, T)), (0, 2, 1, 3)), (BI * T, BJ * T))
+
+
+@triton.jit
+def _store_plain(ptr, y, b, bi, bj, ROWS, COLS,
+                 T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """Store tile vectors ``y (BI*BJ, t*t)`` as block (bi, bj) of a contiguous
+    ``(B, ROWS, COLS)`` tensor, by rows, cropped (the padding is never written)."""
+    y = _to_plain_block(y, T, BI, BJ)
+    rows = bi * (BI * T) + tl.arange(0, BI * T)
+    cols = bj * (BJ * T) + tl.arange(0, BJ * T)
+    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    tl.store(ptr + b * ROWS * COLS + rows[:, None] * COLS + cols[None, :],
+             _round(y, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -173,7 +234,7 @@ def _store_encoded(ptr, acc, b, bi, bj, R, AT, CT, s_p, s_b,
     p = tl.arange(0, RP)
     offs = p[None, None, :] * s_p + b * s_b + i[:, None, None] * CT + j[None, :, None]
     mask = (i < AT)[:, None, None] & (j < CT)[None, :, None] & (p < R)[None, None, :]
-    value = tl.reshape(acc, (BI, BJ, RP)).to(ptr.dtype.element_ty)
+    value = _round(tl.reshape(acc, (BI, BJ, RP)), ptr.dtype.element_ty)
     tl.store(ptr + offs, value, mask=mask)
 
 
@@ -216,10 +277,7 @@ def _encode_kernel(x_ptr, basis_ptr, out_ptr, R, N, K, NT, KT, n_bi, n_bj, n_blo
         # reads in flight per program (the kernel is bound by memory latency × bytes in flight).
         x_next = _load_plain(x_ptr, blk + step, n_blocks, n_bi, n_bj, N, K, sx_b, sx_n, sx_k, T,
                              BI, BJ)
-        # (BI*t, BJ*t) → (BI, t, BJ, t) → (BI, BJ, t, t) → one row-major tile vector per row.
-        tiles = tl.reshape(tl.permute(tl.reshape(x, (BI, T, BJ, T)), (0, 2, 1, 3)),
-                           (BI * BJ, T * T))
-        acc = _dot(tiles, basis_t, IEEE)
+        acc = _dot(_to_tile_vectors(x, T, BI, BJ), basis_t, IEEE)
         b, bi, bj = _block_coords(blk, n_bi, n_bj)
         _store_encoded(out_ptr, acc, b, bi, bj, R, NT, KT, so_p, so_b, RP, BI, BJ)
         x = x_next
@@ -244,15 +302,7 @@ def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, ROWS, COLS, n_b
         y = _dot(enc, d, IEEE)
         y = _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, 0, 0, scale, T, BI, BJ, ACT, HAS_BIAS,
                            False)
-        # Tile vectors → (BI, BJ, t, t) → (BI, t, BJ, t) → the (BI*t, BJ*t) block, by rows,
-        # cropped to the (B, ROWS, COLS) output (the padding is never written).
-        y = tl.reshape(tl.permute(tl.reshape(y, (BI, BJ, T, T)), (0, 2, 1, 3)),
-                       (BI * T, BJ * T))
-        rows = bi * (BI * T) + tl.arange(0, BI * T)
-        cols = bj * (BJ * T) + tl.arange(0, BJ * T)
-        mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
-        tl.store(out_ptr + b * ROWS * COLS + rows[:, None] * COLS + cols[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_plain(out_ptr, y, b, bi, bj, ROWS, COLS, T, BI, BJ)
         enc = enc_next
         blk += step
 
@@ -323,6 +373,152 @@ def _decode_glu_encode_kernel(gate_ptr, gate_d_ptr, gate_bias_ptr, up_ptr, up_d_
         gate = gate_next
         up = up_next
         blk = nxt
+
+
+
+@triton.jit
+def _load_row_inputs(enc_ptr, res_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, ROWS, COLS,
+                     se_p, se_b, se_i, se_j, sr_b, sr_n, sr_k,
+                     T: tl.constexpr, RP: tl.constexpr, BJ: tl.constexpr,
+                     HAS_RES: tl.constexpr):
+    """Block ``blk`` (one tile-row, BJ tile-columns) of the encoded input ``(BJ, RP)`` and of
+    the residual as tile vectors ``(BJ, t*t)`` (a placeholder without a residual)."""
+    enc = _load_encoded(enc_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j,
+                        RP, 1, BJ)
+    if HAS_RES:
+        res = _to_tile_vectors(_load_plain(res_ptr, blk, n_blocks, n_bi, n_bj, ROWS, COLS, sr_b,
+                                           sr_n, sr_k, T, 1, BJ), T, 1, BJ)
+    else:
+        res = tl.full((1, 1), 0.0, enc.dtype)
+    return enc, res
+
+
+@triton.jit
+def _residual_sum(enc, d, res, bias_ptr, bi, bj, NBIAS, ROWS, COLS,
+                  T: tl.constexpr, BJ: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_RES: tl.constexpr, IEEE: tl.constexpr):
+    """``h = residual + (decode(enc, d) + bias)`` as tile vectors ``(BJ, t*t)``, rounded to
+    the activation dtype after each step as the aten composite rounds (returned as fp32);
+    zero at rows ≥ ROWS and cols ≥ COLS."""
+    dtype: tl.constexpr = enc.dtype
+    y = _round(_dot(enc, d, IEEE), dtype).to(tl.float32)
+    h = _round(_tile_epilogue(y, bias_ptr, bi, bj, NBIAS, ROWS, COLS, 1.0, T, 1, BJ, 0, HAS_BIAS,
+                              True), dtype)
+    if HAS_RES:
+        # The residual is zero past the edges (masked load), so the padding stays zero.
+        h = _round(res.to(tl.float32) + h.to(tl.float32), dtype)
+    return h.to(tl.float32)
+
+
+@triton.jit
+def _row_sum(v, same_row):
+    """Per-position sums ``(t*t,)`` over ``BJ`` tile vectors ``v (BJ, t*t)`` → the sum of each
+    row of the strip, repeated at each of its t positions (``same_row``: 0/1, ``(t*t, t*t)``)."""
+    return _sum(_sum(v, 0)[:, None] * same_row, 0)
+
+
+@triton.jit
+def _decode_norm_encode_kernel(enc_ptr, d_ptr, bias_ptr, res_ptr, w_ptr, nb_ptr, ex_ptr,
+                               kept_ptr, out_ptr, R, R2, AT, CT, ROWS, COLS, NBIAS, n_strips,
+                               n_bj, eps, se_p, se_b, se_i, se_j, sr_b, sr_n, sr_k, so_p, so_b,
+                               T: tl.constexpr, RP: tl.constexpr, RP2: tl.constexpr,
+                               BJ: tl.constexpr, RMS: tl.constexpr, KEEP: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                               HAS_W: tl.constexpr, HAS_NB: tl.constexpr, IEEE: tl.constexpr):
+    """Row-strip fusion: one strip (t rows of one batch entry, all column tiles) at a time.
+
+    Pass 1 decodes the strip block by block (BJ tiles), adds bias and residual, writes ``h``
+    (KEEP 1) and accumulates statistics; pass 2 re-reads and re-decodes each block (from L2
+    where the strip's inputs are still there), normalizes, applies weight and bias, zeroes the
+    padding, encodes with ``ex`` and writes the planes (and ``n``, KEEP 2). Everything stays in the
+    ``(BJ, t*t)`` tile-vector layout of the decode dot: position q of a tile vector is row
+    q // t of the strip, so a row's statistic is kept at each of its t positions.
+    """
+    dtype = enc_ptr.dtype.element_ty
+    d = _load_basis(d_ptr, R, T, RP).to(dtype)
+    ex_t = _load_basis_t(ex_ptr, R2, T, RP2).to(dtype)
+    n_blocks = n_strips * n_bj
+    q = tl.arange(0, T * T)
+    tile_j = tl.arange(0, BJ)[:, None]
+    same_row = ((q // T)[:, None] == (q // T)[None, :]).to(tl.float32)
+    # Only the last block can be partial: a position valid there was valid in every block.
+    count = tl.where(((n_bj - 1) * BJ + tile_j) * T + (q % T)[None, :] < COLS, n_bj,
+                     n_bj - 1) * 1.0
+    strip = tl.program_id(0)
+    step = tl.num_programs(0)
+    enc, res = _load_row_inputs(enc_ptr, res_ptr, strip * n_bj, n_blocks, AT, n_bj, R, AT, CT,
+                                ROWS, COLS, se_p, se_b, se_i, se_j, sr_b, sr_n, sr_k, T, RP, BJ,
+                                HAS_RES)
+    while strip < n_strips:
+        b = strip // AT
+        i = strip % AT
+        # Pass 1. Statistics accumulate per position, element-wise (no reduction per block):
+        # the sum of squares (RMS), or Welford's running mean and sum of squared deviations
+        # over the blocks (LayerNorm), merged into row statistics once per strip.
+        acc_mean = tl.full((BJ, T * T), 0.0, tl.float32)
+        acc_m2 = tl.full((BJ, T * T), 0.0, tl.float32)
+        jb = 0
+        while jb < n_bj:
+            # Prefetch the next block; after the last one, block 0 again for pass 2.
+            enc_next, res_next = _load_row_inputs(
+                enc_ptr, res_ptr, strip * n_bj + (jb + 1) % n_bj, n_blocks, AT, n_bj, R, AT, CT,
+                ROWS, COLS, se_p, se_b, se_i, se_j, sr_b, sr_n, sr_k, T, RP, BJ, HAS_RES)
+            h = _residual_sum(enc, d, res, bias_ptr, i, jb, NBIAS, ROWS, COLS, T, BJ, HAS_BIAS,
+                              HAS_RES, IEEE)
+            if KEEP == 1:
+                _store_plain(kept_ptr, h, b, i, jb, ROWS, COLS, T, 1, BJ)
+            if RMS:
+                acc_m2 += h * h  # the padding is zero
+            else:
+                valid = (jb * BJ + tile_j) * T + (q % T)[None, :] < COLS
+                delta = tl.where(valid, h - acc_mean, 0.0)
+                acc_mean += delta * (1.0 / (jb + 1))
+                acc_m2 += delta * (h - acc_mean)
+            enc = enc_next
+            res = res_next
+            jb += 1
+        if RMS:
+            shift = tl.full((T * T,), 0.0, tl.float32)
+            mean = shift
+            var = _row_sum(acc_m2, same_row) / COLS
+        else:
+            # Chan et al.'s merge of the per-position statistics, around a shift near the row
+            # mean so that nothing cancels: h - shift is exact, the rest is small.
+            shift = _row_sum(count * acc_mean, same_row) / COLS
+            mean = _row_sum(count * (acc_mean - shift[None, :]), same_row) / COLS
+            dev = acc_mean - shift[None, :] - mean[None, :]
+            var = _row_sum(acc_m2 + count * dev * dev, same_row) / COLS
+        rstd = tl.rsqrt(var + eps)[None, :]
+        shift = shift[None, :]
+        mean = mean[None, :]
+        # Pass 2: re-decode, normalize, weight / bias, zero the padding, encode.
+        jb = 0
+        while jb < n_bj:
+            # Prefetch the next block; after the last one, block 0 of the next strip.
+            nxt = (strip + step * ((jb + 1) // n_bj)) * n_bj + (jb + 1) % n_bj
+            enc_next, res_next = _load_row_inputs(
+                enc_ptr, res_ptr, nxt, n_blocks, AT, n_bj, R, AT, CT, ROWS, COLS, se_p, se_b,
+                se_i, se_j, sr_b, sr_n, sr_k, T, RP, BJ, HAS_RES)
+            h = _residual_sum(enc, d, res, bias_ptr, i, jb, NBIAS, ROWS, COLS, T, BJ, HAS_BIAS,
+                              HAS_RES, IEEE)
+            n = _round(((h - shift) - mean) * rstd, dtype)
+            cols = (jb * BJ + tile_j) * T + (q % T)[None, :]
+            if HAS_W:
+                w = tl.load(w_ptr + cols, mask=cols < COLS, other=0.0)
+                n = _round(n.to(tl.float32) * w.to(tl.float32), dtype)
+            if HAS_NB:
+                nb = tl.load(nb_ptr + cols, mask=cols < COLS, other=0.0)
+                n = _round(n.to(tl.float32) + nb.to(tl.float32), dtype)
+            # Zero the padding after the norm (the norm of a zero row is not zero).
+            n = tl.where((i * T + (q // T)[None, :] < ROWS) & (cols < COLS), n, 0.0).to(dtype)
+            if KEEP == 2:
+                _store_plain(kept_ptr, n, b, i, jb, ROWS, COLS, T, 1, BJ)
+            acc = _dot(n, ex_t, IEEE)
+            _store_encoded(out_ptr, acc, b, i, jb, R2, AT, CT, so_p, so_b, RP2, 1, BJ)
+            enc = enc_next
+            res = res_next
+            jb += 1
+        strip += step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,3 +671,48 @@ def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up
         HAS_UP_BIAS=up_bias is not None, IEEE=gate.dtype == torch.float32, num_warps=warps,
         maxnreg=maxnreg or None)
     return out
+
+
+#: ``keep`` of stl::decode_norm_encode → the code the kernel branches on at compile time.
+KEEP_CODES = {"none": 0, "sum": 1, "normed": 2}
+
+
+def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual: Tensor | None,
+                       norm: str, weight: Tensor | None, norm_bias: Tensor | None,
+                       eps: float | None, ex: Tensor, keep: str, tile: int, rows: int, cols: int
+                       ) -> tuple[Tensor, Tensor]:
+    """``stl::decode_norm_encode``: ``h = residual + decode(encoded, d) + bias``, ``n =
+    norm(h)`` (LayerNorm or RMSNorm over the columns), returns ``(kept, encode(n, ex))`` with
+    ``kept`` = ``h`` (``keep="sum"``), ``n`` (``"normed"``) or an empty tensor (``"none"``).
+
+    ``residual`` must broadcast to the decoded shape over batch dims and have ``encoded``'s
+    dtype; ``weight`` and ``norm_bias`` are 1-D of length ``cols``. Like ``bias`` they are
+    rounded to the dtype first, as the composite does.
+    """
+    rank, *batch, at, ct = encoded.shape
+    rank2, dtype = ex.shape[0], encoded.dtype
+    kept = _new_output((0,) if keep == "none" else (*batch, rows, cols), encoded)
+    out = _new_output((rank2, *batch, at, ct), encoded)
+    if out.numel() == 0:
+        return kept, out
+    e4 = _flat_encoded(encoded)
+    # A residual broadcast over batch dims is read with batch stride 0 where the dims merge.
+    r3 = None if residual is None else _flat_plain(residual.expand(*batch, rows, cols))
+    _, bj, warps, per_sm, maxnreg = CONFIGS["row_norm"][max(padded_rank(rank),
+                                                            padded_rank(rank2))]
+    n_strips, n_bj = e4.shape[1] * at, triton.cdiv(ct, bj)
+
+    def vector(v: Tensor | None) -> Tensor:
+        return out if v is None else v.to(dtype).contiguous()
+
+    _decode_norm_encode_kernel[(_programs(n_strips, per_sm, encoded.device),)](
+        e4, _basis(d), vector(bias), out if r3 is None else r3, vector(weight),
+        vector(norm_bias), _basis(ex), out if keep == "none" else kept, out, rank, rank2, at, ct,
+        rows, cols, 0 if bias is None else bias.shape[-1], n_strips, n_bj,
+        float(torch.finfo(dtype).eps if eps is None else eps),
+        *e4.stride(), *((0, 0, 0) if r3 is None else r3.stride()), out.stride(0), at * ct,
+        T=tile, RP=padded_rank(rank), RP2=padded_rank(rank2), BJ=bj, RMS=norm == "rms",
+        KEEP=KEEP_CODES[keep], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        HAS_W=weight is not None, HAS_NB=norm_bias is not None, IEEE=dtype == torch.float32,
+        num_warps=warps, maxnreg=maxnreg or None)
+    return kept, out

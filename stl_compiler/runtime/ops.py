@@ -347,15 +347,24 @@ def row_norm(h: Tensor, norm: str, weight: Tensor | None, bias: Tensor | None,
     return n
 
 
-def check_residual(residual: Tensor | None, shape: tuple[int, ...]) -> None:
-    """The residual must broadcast to the decoded ``shape`` over its batch dims only."""
+def check_decode_norm_encode(encoded: Tensor, residual: Tensor | None, norm: str, keep: str,
+                             tile: int, rows: int, cols: int) -> None:
+    """The argument checks of ``stl::decode_norm_encode`` (shared with its CUDA kernel): known
+    norm and keep, a crop that fits the tiles, and a residual of the encoded dtype that
+    broadcasts to the decoded ``(*b, rows, cols)`` over batch dims only."""
+    _check_row_norm(norm, keep)
+    _check_crop(encoded, tile, rows, cols)
     if residual is None:
         return
+    shape = (*encoded.shape[1:-2], rows, cols)
     fits = (residual.dim() <= len(shape) and tuple(residual.shape[-2:]) == tuple(shape[-2:])
             and all(r in (1, s) for r, s in zip(residual.shape[::-1], shape[::-1])))
     if not fits:
         raise ValueError(f"stl::decode_norm_encode: a residual of shape {tuple(residual.shape)} "
                          f"does not broadcast to the decoded {tuple(shape)} over batch dims")
+    if residual.dtype != encoded.dtype:
+        raise ValueError(f"stl::decode_norm_encode: the residual is {residual.dtype} but the "
+                         f"encoded tensor is {encoded.dtype}; cast one of them first")
 
 
 def decode_norm_encode_aten(encoded: Tensor, d: Tensor, bias: Tensor | None,
@@ -381,8 +390,7 @@ def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual
                        ) -> tuple[Tensor, Tensor]:
     """One layer's decode, bias and residual add, a LayerNorm/RMSNorm, and the next layers'
     encode, in one op; see :func:`decode_norm_encode_aten`."""
-    _check_crop(encoded, tile, rows, cols)
-    check_residual(residual, (*encoded.shape[1:-2], rows, cols))
+    check_decode_norm_encode(encoded, residual, norm, keep, tile, rows, cols)
     kept, out = decode_norm_encode_aten(encoded, d, bias, residual, norm, weight, norm_bias, eps,
                                         ex, keep, tile, rows, cols)
     return kept.contiguous(), out.contiguous()

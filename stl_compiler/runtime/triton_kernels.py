@@ -2,15 +2,19 @@
 
 Importing this module registers a CUDA kernel for each op of :mod:`.ops` (``stl::encode``,
 ``stl::decode``, ``stl::decode_epilogue``, ``stl::decode_act_encode``,
-``stl::decode_glu_encode``) with ``register_kernel(..., "cuda")``. Op names, schemas, fake
-implementations, autograd formulas and aten decompositions stay those of :mod:`.ops`, so
-eager mode, torch.compile (Inductor calls the op, which dispatches here), torch.export and
-autograd all keep working; only the CUDA computation changes.
+``stl::decode_glu_encode``, ``stl::decode_norm_encode``) with ``register_kernel(..., "cuda")``;
+``stl::reencode`` and ``stl::decode_softmax_encode`` keep their aten composites on CUDA.
+Op names, schemas, fake implementations, autograd formulas and aten decompositions stay those
+of :mod:`.ops`, so eager mode, torch.compile (Inductor calls the op, which dispatches here),
+torch.export and autograd all keep working; only the CUDA computation changes.
 
 Nothing here imports ``triton`` until the first CUDA call: the package imports on machines
 without triton or without a GPU, and CPU tensors keep the aten composites. A CUDA call that
 the kernels do not cover (triton missing, a tile other than 4, rank > 64, another dtype)
-falls back to the aten composite too.
+falls back to the aten composite too, as does any operand the kernel does not take as given
+(for ``stl::decode_norm_encode``: a residual on another device, a norm weight or
+bias that is not 1-D of length ``cols``; a residual broadcast over batch dims is read with
+stride 0, not copied).
 """
 
 from __future__ import annotations
@@ -117,3 +121,30 @@ def _decode_glu_encode_cuda(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | No
                                           activation, scale, tile, rows, cols).contiguous()
     return impl.decode_glu_encode(gate, gate_d, gate_bias, up, up_d, up_bias, ex, activation,
                                   scale, tile, rows, cols)
+
+
+def _row_vector_ok(v: Tensor | None, operand: Tensor, cols: int) -> bool:
+    """The row-strip kernel reads a norm weight / bias as 1-D of exactly ``cols`` entries."""
+    return v is None or (v.dim() == 1 and v.shape[0] == cols and v.device == operand.device)
+
+
+@ops.decode_norm_encode.register_kernel("cuda")
+def _decode_norm_encode_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None,
+                             residual: Tensor | None, norm: str, weight: Tensor | None,
+                             norm_bias: Tensor | None, eps: float | None, ex: Tensor, keep: str,
+                             tile: int, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    # The op's own checks (a registered kernel replaces the op's body on CUDA).
+    ops.check_decode_norm_encode(encoded, residual, norm, keep, tile, rows, cols)
+    rank = encoded.shape[0]
+    impl = _impl(encoded, tile, (d, rank), (ex, None),
+                 elements=encoded.numel() * max(1, tile**2 / max(1, rank),
+                                                ex.shape[0] / max(1, rank)))
+    if (impl is None or not _bias_ok(bias, encoded, tile)
+            or (residual is not None and residual.device != encoded.device)
+            or not _row_vector_ok(weight, encoded, cols)
+            or not _row_vector_ok(norm_bias, encoded, cols)):
+        kept, out = ops.decode_norm_encode_aten(encoded, d, bias, residual, norm, weight,
+                                                norm_bias, eps, ex, keep, tile, rows, cols)
+        return kept.contiguous(), out.contiguous()
+    return impl.decode_norm_encode(encoded, d, bias, residual, norm, weight, norm_bias, eps, ex,
+                                   keep, tile, rows, cols)

@@ -615,3 +615,11 @@ def test_gradcheck_opcheck_and_decomposition_decode_softmax_encode():
     torch.library.opcheck(ops.decode_softmax_encode, args, test_utils=FAST_OPCHECKS)
     decomposed = ops.DECOMPOSITIONS[torch.ops.stl.decode_softmax_encode.default](*args)
     assert torch.equal(decomposed, ops.decode_softmax_encode(*args))
+
+
+def test_decode_norm_encode_rejects_a_residual_of_another_dtype():
+    encoded, d, ex = _operands()
+    with pytest.raises(ValueError, match="the residual is torch.float32 but the encoded tensor "
+                                         "is torch.float64"):
+        ops.decode_norm_encode(encoded, d, None, torch.randn(2, 3, 5), "rms", None, None, 1e-5,
+                               ex, "sum", 2, 3, 5)

@@ -13,6 +13,7 @@ writes fails the check.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -135,6 +136,51 @@ def _glu_case(impl, call, gen, device, dtype, batch, a, c, rank, activation, ran
            _ref(ops.decode_glu_encode_aten, *args), dtype)
 
 
+#: decode_norm_encode: (batch, tile-rows a, tile-cols c, rank, rank2, rows cropped, cols
+#: cropped, norm, keep, (bias, residual, weight, norm_bias) present). Every norm with every
+#: keep; each optional operand present and absent; ranks 24 → 16, 7 → 49, 16 → 16.
+NORM_CASES = [
+    ((), 2, 5, 24, 16, 1, 3, "layer", "sum", (True, True, True, True)),
+    ((2,), 3, 9, 7, 49, 2, 1, "layer", "normed", (False, True, True, False)),
+    ((2, 3), 2, 4, 24, 16, 0, 2, "layer", "none", (True, False, False, True)),
+    ((), 3, 7, 7, 49, 3, 0, "rms", "sum", (False, True, True, False)),
+    ((2,), 2, 6, 24, 16, 1, 1, "rms", "normed", (False, False, False, False)),
+    ((2, 3), 2, 5, 16, 16, 2, 3, "rms", "none", (True, True, True, True)),
+]
+
+#: The argument names of stl::decode_norm_encode, in order.
+NORM_OP_ARGS = list(inspect.signature(ops.decode_norm_encode_aten).parameters)
+
+
+def _norm_case(impl, call, gen, device, dtype, batch, a, c, rank, rank2, crop_rows, crop_cols,
+               norm, keep, present, strided=False, offset=0.0, eps=None, residual_batch=None):
+    """``residual_batch``: the residual's own batch dims, broadcast to ``batch``."""
+    rows, cols = a * 4 - crop_rows, c * 4 - crop_cols
+    has_bias, has_residual, has_weight, has_norm_bias = present
+    if strided:  # tile-rows and tile-cols transposed in memory; the residual as in encode
+        enc = _rand(gen, rank, *batch, c, a, dtype=dtype, device=device).transpose(-1, -2)
+        residual = _rand(gen, rows, *batch, cols, dtype=dtype, device=device).movedim(0, -2)
+    else:
+        enc = _rand(gen, rank, *batch, a, c, dtype=dtype, device=device)
+        residual_batch = batch if residual_batch is None else residual_batch
+        residual = _rand(gen, *residual_batch, rows, cols, dtype=dtype, device=device)
+    residual = (residual + offset) if has_residual else None
+    d = _rand(gen, rank, 16, dtype=dtype, device=device)
+    ex = _rand(gen, rank2, 16, dtype=dtype, device=device)
+    # A bias shorter than the padded width, as decode_epilogue takes it.
+    bias = _rand(gen, cols, dtype=dtype, device=device) if has_bias else None
+    weight = _rand(gen, cols, dtype=dtype, device=device) if has_weight else None
+    norm_bias = _rand(gen, cols, dtype=dtype, device=device) if has_norm_bias else None
+    args = (enc, d, bias, residual, norm, weight, norm_bias, eps, ex, keep, 4, rows, cols)
+    kept, out = call(impl.decode_norm_encode, ops.decode_norm_encode, *args)
+    ref_kept, ref_out = _ref(ops.decode_norm_encode_aten, *args)
+    _check(out, ref_out, dtype)
+    if keep == "none":
+        assert kept.shape == (0,) and kept.dtype == dtype
+    else:
+        _check(kept, ref_kept, dtype)
+
+
 def _launch(launcher, op, *args):
     """Call the kernel launcher directly (CPU tensors under the interpreter)."""
     return launcher(*args)
@@ -217,6 +263,58 @@ class _KernelChecks:
         _glu_case(impl, self.call, gen, self.device, dtype, (), 5, 33, 40,
                   activation, 49)
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("index", range(len(NORM_CASES)),
+                             ids=lambda i: "-".join(map(str, NORM_CASES[i][7:9])))
+    def test_decode_norm_encode(self, impl, dtype, index):
+        gen = torch.Generator().manual_seed(10 + index)
+        _norm_case(impl, self.call, gen, self.device, dtype, *NORM_CASES[index])
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("norm", ["layer", "rms"])
+    def test_decode_norm_encode_wide_row(self, impl, norm, dtype):
+        """Three column blocks: the statistics merge across blocks, pass 2 re-reads each."""
+        bj = impl.CONFIGS["row_norm"][32][1]
+        gen = torch.Generator().manual_seed(20)
+        _norm_case(impl, self.call, gen, self.device, dtype, (), 2, 2 * bj + 3, 24, 16, 1, 2,
+                   norm, "sum", (True, True, True, True))
+
+    def test_decode_norm_encode_large_mean(self, impl):
+        """LayerNorm of rows whose mean (2000) is hundreds of times their spread, across three
+        column blocks, to fp32 accuracy (a single-pass E[h²] − E[h]² in fp32 is off by ≈ 1e-2)."""
+        bj = impl.CONFIGS["row_norm"][32][1]
+        gen = torch.Generator().manual_seed(21)
+        _norm_case(impl, self.call, gen, self.device, torch.float32, (), 1, 2 * bj + 3, 24, 16,
+                   0, 1, "layer", "normed", (False, True, False, False), offset=2000.0,
+                   eps=1e-6)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_decode_norm_encode_strided(self, impl, dtype):
+        gen = torch.Generator().manual_seed(22)
+        _norm_case(impl, self.call, gen, self.device, dtype, (2, 3), 2, 5, 24, 16, 3, 1,
+                   "layer", "sum", (True, True, True, True), strided=True)
+        _norm_case(impl, self.call, gen, self.device, dtype, (2,), 3, 4, 7, 49, 0, 3,
+                   "rms", "normed", (False, True, True, False), strided=True)
+
+    @pytest.mark.parametrize("residual_batch", [(), (1, 3)], ids=str)
+    def test_decode_norm_encode_broadcast_residual(self, impl, residual_batch):
+        """A residual broadcast over the batch dims (read with batch stride 0)."""
+        gen = torch.Generator().manual_seed(25)
+        _norm_case(impl, self.call, gen, self.device, torch.float32, (2, 3), 2, 5, 24, 16, 1, 2,
+                   "rms", "sum", (True, True, True, False), residual_batch=residual_batch)
+
+    @pytest.mark.parametrize("per_sm", [0, 1])
+    def test_decode_norm_encode_looping(self, impl, monkeypatch, per_sm):
+        """One program per strip (0), and few programs each looping over strips (1): the
+        prefetch crosses from one strip's last block to the next strip's first."""
+        table = {rp: (*config[:3], per_sm, *config[4:])
+                 for rp, config in impl.CONFIGS["row_norm"].items()}
+        monkeypatch.setitem(impl.CONFIGS, "row_norm", table)
+        bj = impl.CONFIGS["row_norm"][32][1]
+        gen = torch.Generator().manual_seed(23)
+        _norm_case(impl, self.call, gen, self.device, torch.float32, (2,), 5, bj + 3, 24, 16, 2,
+                   3, "layer", "sum", (True, True, True, True))
+
 
 class TestInterpreted(_KernelChecks):
     """The kernels under Triton's interpreter, on CPU tensors (runs in CI)."""
@@ -229,6 +327,51 @@ class TestInterpreted(_KernelChecks):
         module = _load_interpreted()
         _poison(module, monkeypatch)
         return module
+
+    def test_decode_norm_encode_dispatch(self, impl, monkeypatch):
+        """The op's CUDA registration, with the interpreted kernels standing in for the
+        compiled ones: the kernel for what it covers, the composite for the rest, and the
+        op's own errors."""
+        from stl_compiler.runtime import triton_kernels
+
+        monkeypatch.setattr(triton_kernels, "kernels", lambda: impl)
+        calls = []
+        inner = impl._new_output
+        monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
+        gen = torch.Generator().manual_seed(24)
+        r = lambda *shape: _rand(gen, *shape, dtype=torch.bfloat16, device="cpu")  # noqa: E731
+        enc, d, ex, res, w = r(24, 2, 2, 5), r(24, 16), r(16, 16), r(2, 7, 18), r(18)
+        args = [enc, d, r(18), res, "rms", w, None, 1e-5, ex, "normed", 4, 7, 18]
+
+        def run(**changes):
+            calls.clear()
+            call = list(args)
+            for name, value in changes.items():
+                call[NORM_OP_ARGS.index(name)] = value
+            kept, out = triton_kernels._decode_norm_encode_cuda(*call)
+            if calls:
+                ref_kept, ref_out = _ref(ops.decode_norm_encode_aten, *call)
+                _check(kept, ref_kept, kept.dtype)
+                _check(out, ref_out, out.dtype)
+            else:  # the composite itself, contiguous
+                ref_kept, ref_out = ops.decode_norm_encode_aten(*call)
+                assert torch.equal(kept, ref_kept) and torch.equal(out, ref_out)
+                assert kept.is_contiguous() and out.is_contiguous()
+            return len(calls)
+
+        assert run() == 2
+        with pytest.raises(ValueError, match="the residual is torch.float32"):
+            run(residual=res.float())  # another dtype: refused, as on CPU
+        assert run(weight=w[:1]) == 0  # broadcast weight
+        assert run(norm_bias=r(1, 18)) == 0  # 2-D norm bias
+        assert run(ex=r(80, 16)) == 0  # rank above MAX_RANK
+        assert run(residual=res[0]) == 2  # broadcast over the batch dim
+        with pytest.raises(ValueError, match="residual of shape"):
+            run(residual=r(3, 7, 18))
+        with pytest.raises(ValueError, match="unknown norm"):
+            run(norm="batch")
+        with pytest.raises(ValueError, match="does not fit"):
+            run(rows=9)
 
 
 needs_cuda = pytest.mark.skipif(
@@ -308,3 +451,42 @@ class TestCUDA(_KernelChecks):
         compiled = torch.compile(layer, fullgraph=True)
         with torch.no_grad():
             _check(compiled(x), linear(x).double().cpu(), torch.float32)
+
+    def test_decode_norm_encode_dispatches_to_triton(self, impl, monkeypatch):
+        calls = []
+        inner = impl._new_output
+        monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
+        gen = torch.Generator().manual_seed(7)
+        r = lambda *shape: _rand(gen, *shape, dtype=torch.bfloat16, device="cuda")  # noqa: E731
+        args = (r(24, 2, 3, 40), r(24, 16), r(158), r(2, 10, 158), "layer", r(158), r(158),
+                None, r(16, 16), "sum", 4, 10, 158)
+        kept, out = torch.ops.stl.decode_norm_encode(*args)
+        assert len(calls) == 2
+        ref_kept, ref_out = _ref(ops.decode_norm_encode_aten, *args)
+        _check(kept, ref_kept, torch.bfloat16)
+        _check(out, ref_out, torch.bfloat16)
+
+    @pytest.mark.parametrize("keep", ["sum", "none"])
+    def test_decode_norm_encode_gradients_match_aten(self, impl, keep):
+        gen = torch.Generator().manual_seed(8)
+        r = lambda *shape: _rand(gen, *shape, dtype=torch.float32, device="cuda")  # noqa: E731
+        a, c, rows, cols = 3, 10, 11, 37
+        args = [r(24, 2, a, c), r(24, 16), r(cols), r(2, rows, cols), "layer", r(cols), r(cols),
+                1e-5, r(16, 16), keep, 4, rows, cols]
+        args = [v.requires_grad_() if isinstance(v, torch.Tensor) else v for v in args]
+        kept, out = torch.ops.stl.decode_norm_encode(*args)
+        outs = [out] if keep == "none" else [out, kept]
+        grads_out = [torch.randn_like(o) for o in outs]
+        tensors = [v for v in args if isinstance(v, torch.Tensor)]
+        grads = torch.autograd.grad(outs, tensors, grads_out)
+        ref_args = [v.detach().double().cpu().requires_grad_() if isinstance(v, torch.Tensor)
+                    else v for v in args]
+        ref_kept, ref_out = ops.decode_norm_encode_aten(*ref_args)
+        ref_outs = [ref_out] if keep == "none" else [ref_out, ref_kept]
+        ref_tensors = [v for v in ref_args if isinstance(v, torch.Tensor)]
+        ref_grads = torch.autograd.grad(ref_outs, ref_tensors,
+                                        [g.double().cpu() for g in grads_out])
+        for o, ref in zip(outs, ref_outs):
+            _check(o, ref.detach(), torch.float32)
+        for grad, ref in zip(grads, ref_grads):
+            _check(grad, ref, torch.float32)

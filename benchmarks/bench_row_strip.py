@@ -1,0 +1,153 @@
+"""Row-strip kernel benchmark: ``stl::decode_norm_encode`` against the unfused chain, on CUDA.
+
+One transformer boundary: the encoded output of one STL site (rank 24) is decoded, added to
+the residual stream, normalized (RMSNorm or LayerNorm) and encoded for every site that reads
+the normalized value (Q, K, V: three encoders stacked, or one). Rows, timed side by side in
+one run on the same tensors (bf16, t=4):
+
+- fused:   ``torch.ops.stl.decode_norm_encode`` (the Triton row-strip kernel): reads the
+           encoded tensor and the residual, writes the residual sum and the encoded input of
+           the next sites;
+- unfused: ``torch.compile`` of decode → add → norm → encode (Triton decode and encode
+           kernels; Inductor fuses the add and the norm into one kernel that writes the sum
+           and the normalized value).
+
+``GB/s`` is the fused op's minimal traffic (encoded in, residual in, sum out, encoded out)
+over its time, for both rows: how close each comes to moving only the bytes that must move.
+Times are medians of ``triton.testing.do_bench`` (L2 flushed), as in ``bench_layer.py``.
+Correctness: fused vs unfused rel. difference (bf16; the same basis, so rounding only), and
+the fused op in float32 against the aten composite (gate 1e-4: exit status 1 when it fails).
+
+Usage (CUDA machine, ~1 min)::
+
+    python benchmarks/bench_row_strip.py [--out DIR]
+
+writes ``DIR/row_strip.json`` (``DIR`` defaults to ``$OUT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_mlp_block import (  # noqa: E402  (after the path fix above)
+    bench_ms,
+    device_or_exit,
+    environment,
+    out_dir,
+    print_env,
+    rel_error,
+    write_json,
+)
+
+from stl_compiler.runtime import ops, triton_kernels  # noqa: E402, F401  (CUDA kernels)
+
+TILE = 4
+RANK = 24
+FP32_GATE = 1e-4
+
+#: (name, batch, seq, hidden, norm, bias of the producing site, consumers)
+CASES = [
+    ("llama 4x2048x4096 rms -> q,k,v", 4, 2048, 4096, "rms", False, 3),
+    ("llama 4x2048x4096 rms -> gate,up", 4, 2048, 4096, "rms", False, 2),
+    ("llama 4x2048x4096 rms -> 1 site", 4, 2048, 4096, "rms", False, 1),
+    ("vit-h 32x257x1280 layer -> q,k,v", 32, 257, 1280, "layer", True, 3),
+    ("vit-h 32x257x1280 layer -> fc1", 32, 257, 1280, "layer", True, 1),
+]
+
+
+def operands(batch, seq, hidden, norm, bias, consumers, device, dtype, gen):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
+
+    a, c = -(-seq // TILE), hidden // TILE
+    return dict(
+        encoded=rand(RANK, batch, a, c, scale=0.25), d=rand(RANK, TILE * TILE, scale=0.5),
+        bias=rand(hidden) if bias else None, residual=rand(batch, seq, hidden),
+        weight=rand(hidden), norm_bias=rand(hidden) if norm == "layer" else None,
+        ex=rand(RANK * consumers, TILE * TILE, scale=0.5), rows=seq, cols=hidden, norm=norm)
+
+
+def fused(o):
+    return torch.ops.stl.decode_norm_encode(
+        o["encoded"], o["d"], o["bias"], o["residual"], o["norm"], o["weight"], o["norm_bias"],
+        1e-6, o["ex"], "sum", TILE, o["rows"], o["cols"])
+
+
+def unfused(encoded, d, bias, residual, weight, norm_bias, ex, rows: int, cols: int,
+            norm: str):
+    y = torch.ops.stl.decode_epilogue(encoded, d, bias, "none", 1.0, TILE, rows, cols)
+    h = residual + y
+    n = ops.row_norm(h, norm, weight, norm_bias, 1e-6)
+    return h, torch.ops.stl.encode(n, ex, TILE)
+
+
+def traffic_bytes(o) -> int:
+    """Bytes the fused op must move: encoded in, residual in, sum out, encoded out."""
+    size = o["residual"].element_size()
+    return size * (o["encoded"].numel() + 2 * o["residual"].numel()
+                   + o["ex"].shape[0] * o["encoded"][0].numel())
+
+
+def run(args: argparse.Namespace) -> int:
+    device = device_or_exit(args.smoke, "bench_row_strip")
+    env = environment(device)
+    print_env(env)
+    gen = torch.Generator(device=device).manual_seed(0)
+    compiled = torch.compile(unfused)
+    rows, failed = [], []
+    print(f"  {'case':<36} {'fused ms':>9} {'unfused ms':>10} {'x':>6} {'fused GB/s':>10} "
+          f"{'unfused GB/s':>12} {'bf16 diff':>9} {'fp32 err':>9}")
+    for name, batch, seq, hidden, norm, bias, consumers in CASES:
+        if args.smoke:
+            batch, seq, hidden = 2, 9, 64
+        o = operands(batch, seq, hidden, norm, bias, consumers, device, torch.bfloat16, gen)
+        args_unfused = dict(o)
+        fused_out = fused(o)
+        ref_out = compiled(**args_unfused)
+        diff = max(rel_error(a, b) for a, b in zip(fused_out, ref_out))
+        o32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in o.items()}
+        composite = ops.decode_norm_encode_aten(
+            o32["encoded"], o32["d"], o32["bias"], o32["residual"], norm, o32["weight"],
+            o32["norm_bias"], 1e-6, o32["ex"], "sum", TILE, seq, hidden)
+        fp32_err = max(rel_error(a, b) for a, b in zip(fused(o32), composite))
+        if fp32_err > FP32_GATE:
+            failed.append(name)
+        fused_ms = bench_ms(lambda o=o: fused(o), device, args.runs)
+        unfused_ms = bench_ms(lambda a=args_unfused: compiled(**a), device, args.runs)
+        gbytes = traffic_bytes(o) / 1e9
+        row = {"case": name, "batch": batch, "seq": seq, "hidden": hidden, "norm": norm,
+               "consumers": consumers, "rank": RANK, "fused_ms": fused_ms,
+               "unfused_ms": unfused_ms, "speedup": unfused_ms / fused_ms,
+               "fused_gb_s": gbytes / fused_ms * 1e3, "unfused_gb_s": gbytes / unfused_ms * 1e3,
+               "bf16_rel_diff_fused_vs_unfused": diff, "fp32_rel_err_vs_composite": fp32_err}
+        rows.append(row)
+        print(f"  {name:<36} {fused_ms:>9.3f} {unfused_ms:>10.3f} {row['speedup']:>6.2f} "
+              f"{row['fused_gb_s']:>10.0f} {row['unfused_gb_s']:>12.0f} {diff:>9.1e} "
+              f"{fp32_err:>9.1e}")
+    path = out_dir(args.out) / "row_strip.json"
+    write_json(path, {"environment": env, "rank": RANK, "tile": TILE, "rows": rows,
+                      "fp32_gate": FP32_GATE, "failed": failed})
+    print(f"wrote {path}")
+    if failed:
+        print(f"!!! float32 gate failed: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (aten path)")
+    sys.exit(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
