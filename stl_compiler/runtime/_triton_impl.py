@@ -15,7 +15,12 @@ working on the current one, so two blocks of reads are in flight per program.
 The row-strip kernel (``stl::decode_norm_encode``: decode, bias, residual add, LayerNorm /
 RMSNorm, encode) is the one exception to a single pass: a norm needs a whole row's statistics
 before any of the row is written, so a program owns a strip of t rows (one tile-row) and walks
-its column blocks twice, re-reading its inputs the second time (docs/kernel_notes.md).
+its column blocks twice: the second time it re-reads the residual sum it just wrote
+(``keep="sum"``), or its inputs (docs/kernel_notes.md).
+
+The fused kernels take an output encoder ``ex`` of up to MAX_ENCODER_RANK rows (the stacked
+encoders of several sites): past MAX_RANK they encode each block in chunks of ENCODER_CHUNK
+ranks (one ``tl.dot`` and store per chunk, the decoded block computed once).
 
 The launchers work on CUDA tensors, and on CPU tensors when the module was imported under
 ``TRITON_INTERPRET=1`` (the CI check in ``tests/runtime/test_triton_kernels.py``).
@@ -39,6 +44,13 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, 
 SUPPORTED_TILES = (4,)
 #: Largest rank the kernels handle (padded to 64 accumulators per tile).
 MAX_RANK = 64
+#: Largest rank of the *output* encoder ``ex`` of the fused kernels (decode_act_encode,
+#: decode_glu_encode, decode_norm_encode): the compiler stacks the encoders of every site that
+#: reads one value (Q, K, V: 3r rows). Past MAX_RANK the kernels encode in chunks of
+#: ENCODER_CHUNK ranks, one ``tl.dot`` and one store per chunk, so the accumulator stays
+#: ``ENCODER_CHUNK`` wide; the decoded value is computed once.
+MAX_ENCODER_RANK = 4 * MAX_RANK
+ENCODER_CHUNK = 32
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Whether the kernels run under Triton's interpreter, which differs from the GPU twice: it
@@ -52,7 +64,8 @@ _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 #: contiguous row segment a program reads (or writes) of the plain tensor; 0 programs per SM
 #: means one program per block; a register cap of 0 leaves registers to the compiler (a cap
 #: trades spills for occupancy, i.e. bytes in flight). "fused" (decode_act_encode,
-#: decode_glu_encode) is keyed by the largest padded rank involved. Chosen by the sweeps of
+#: decode_glu_encode) is keyed by the largest padded rank involved, an output encoder past
+#: MAX_RANK counting as its chunk width (``encoder_chunks``). Chosen by the sweeps of
 #: benchmarks/gpu_check.py on an H200 (docs/kernel_notes.md).
 CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
     "encode": {16: (4, 64, 4, 4, 0), 32: (4, 64, 4, 8, 0), 64: (2, 64, 4, 4, 0)},
@@ -67,6 +80,10 @@ CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
     # instead of 4) for a few spilled bytes; rank 49 prefers small looping programs. H200 sweep,
     # docs/kernel_notes.md ("Row-strip kernel").
     "row_norm": {16: (1, 128, 4, 0, 128), 32: (1, 64, 4, 0, 80), 64: (1, 64, 2, 8, 0)},
+    # decode_softmax_encode: (BJ, num_warps), one program per strip of t query rows walking
+    # the key tiles twice (online max / sum, then normalize and encode). Not swept yet: the
+    # row_norm shapes, which have the same per-block work.
+    "softmax": {16: (64, 4), 32: (64, 4), 64: (64, 2)},
 }
 
 
@@ -75,10 +92,21 @@ def padded_rank(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def supports(tile: int, *bases: Tensor, dtype: torch.dtype) -> bool:
-    """Whether the Triton kernels handle this tile, these bases and this dtype."""
+def encoder_chunks(rank: int) -> tuple[int, int]:
+    """(chunk width, chunks) of an output encoder of ``rank`` rows: one padded chunk up to
+    MAX_RANK (as every other basis), else ``⌈rank / ENCODER_CHUNK⌉`` chunks of ENCODER_CHUNK."""
+    if rank <= MAX_RANK:
+        return padded_rank(rank), 1
+    return ENCODER_CHUNK, triton.cdiv(rank, ENCODER_CHUNK)
+
+
+def supports(tile: int, *bases: Tensor, dtype: torch.dtype, encoders: tuple[Tensor, ...] = ()
+             ) -> bool:
+    """Whether the Triton kernels handle this tile, these bases (≤ MAX_RANK rows), these
+    output encoders of the fused kernels (≤ MAX_ENCODER_RANK rows) and this dtype."""
     return (tile in SUPPORTED_TILES and dtype in SUPPORTED_DTYPES
-            and all(b.shape[0] <= MAX_RANK for b in bases))
+            and all(b.shape[0] <= MAX_RANK for b in bases)
+            and all(e.shape[0] <= MAX_ENCODER_RANK for e in encoders))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +154,20 @@ def _round(v, dtype: tl.constexpr):
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         v = bits.to(tl.float32, bitcast=True)
     return v.to(dtype)
+
+
+@triton.jit
+def _mul_rn(a, b):
+    """``a * b`` in fp32 (``mul.rn.f32``: no flush to zero), never contracted into an FMA with
+    a following add. The row-strip kernel rounds ``n * weight`` to the dtype before it adds the
+    norm bias, as the composite does; with a plain ``*`` LLVM turns round(n * w) into a bf16
+    multiply and fuses it with the bias add into one ``fma.rn.bf16x2``, one rounding fewer
+    (1 bf16 ulp from the composite on ~1 in 4 normalized values, seen on an H200)."""
+    if _INTERPRETED:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -239,6 +281,27 @@ def _store_encoded(ptr, acc, b, bi, bj, R, AT, CT, s_p, s_b,
 
 
 @triton.jit
+def _load_encoder(ptr, R2, dtype: tl.constexpr, T: tl.constexpr, RC: tl.constexpr,
+                  NRC: tl.constexpr):
+    """An output encoder ``(R2, t*t)`` as NRC chunks ``ex[c*RC : (c+1)*RC].T`` of ``(t*t, RC)``
+    (a tuple; zero past R2), in ``dtype``."""
+    chunks = ()
+    for c in tl.static_range(NRC):
+        chunks = chunks + (_load_basis_t(ptr + c * (RC * T * T), R2 - c * RC, T, RC).to(dtype),)
+    return chunks
+
+
+@triton.jit
+def _encode_chunks(ptr, v, ex_t, b, bi, bj, R2, AT, CT, s_p, s_b, RC: tl.constexpr,
+                   NRC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, IEEE: tl.constexpr):
+    """Encode tile vectors ``v (BI*BJ, t*t)`` with the chunks ``ex_t`` of :func:`_load_encoder`
+    and store block (bi, bj) of each chunk's planes (as ``_store_encoded``)."""
+    for c in tl.static_range(NRC):
+        _store_encoded(ptr + c * RC * s_p, _dot(v, ex_t[c], IEEE), b, bi, bj, R2 - c * RC, AT,
+                       CT, s_p, s_b, RC, BI, BJ)
+
+
+@triton.jit
 def _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, ROWS, COLS, scale,
                    T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, ACT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, MASK: tl.constexpr):
@@ -311,12 +374,12 @@ def _decode_kernel(enc_ptr, d_ptr, bias_ptr, out_ptr, R, AT, CT, ROWS, COLS, n_b
 def _decode_act_encode_kernel(enc_ptr, d_ptr, bias_ptr, ex_ptr, out_ptr, R, R2, AT, CT,
                               n_bi, n_bj, n_blocks, NBIAS, ROWS, COLS, scale,
                               se_p, se_b, se_i, se_j, so_p, so_b,
-                              T: tl.constexpr, RP: tl.constexpr, RP2: tl.constexpr,
-                              BI: tl.constexpr, BJ: tl.constexpr, ACT: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                              T: tl.constexpr, RP: tl.constexpr, RC: tl.constexpr,
+                              NRC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                              ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
     dtype = enc_ptr.dtype.element_ty
     d = _load_basis(d_ptr, R, T, RP).to(dtype)
-    ex_t = _load_basis_t(ex_ptr, R2, T, RP2).to(dtype)
+    ex_t = _load_encoder(ex_ptr, R2, dtype, T, RC, NRC)
     blk = tl.program_id(0)
     step = tl.num_programs(0)
     enc = _load_encoded(enc_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j,
@@ -330,8 +393,8 @@ def _decode_act_encode_kernel(enc_ptr, d_ptr, bias_ptr, ex_ptr, out_ptr, R, R2, 
         y = _tile_epilogue(y, bias_ptr, bi, bj, NBIAS, ROWS, COLS, scale, T, BI, BJ, ACT,
                            HAS_BIAS, True)
         # Rounded to the activation dtype before the next encode, as the unfused ops would be.
-        acc = _dot(y.to(dtype), ex_t, IEEE)
-        _store_encoded(out_ptr, acc, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
+        _encode_chunks(out_ptr, y.to(dtype), ex_t, b, bi, bj, R2, AT, CT, so_p, so_b, RC, NRC,
+                       BI, BJ, IEEE)
         enc = enc_next
         blk += step
 
@@ -342,13 +405,13 @@ def _decode_glu_encode_kernel(gate_ptr, gate_d_ptr, gate_bias_ptr, up_ptr, up_d_
                               n_blocks, NBIAS_G, NBIAS_U, ROWS, COLS, scale,
                               sg_p, sg_b, sg_i, sg_j, su_p, su_b, su_i, su_j, so_p, so_b,
                               T: tl.constexpr, RP: tl.constexpr, RPU: tl.constexpr,
-                              RP2: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
-                              ACT: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
+                              RC: tl.constexpr, NRC: tl.constexpr, BI: tl.constexpr,
+                              BJ: tl.constexpr, ACT: tl.constexpr, HAS_GATE_BIAS: tl.constexpr,
                               HAS_UP_BIAS: tl.constexpr, IEEE: tl.constexpr):
     dtype = gate_ptr.dtype.element_ty
     gate_d = _load_basis(gate_d_ptr, R, T, RP).to(dtype)
     up_d = _load_basis(up_d_ptr, RU, T, RPU).to(dtype)
-    ex_t = _load_basis_t(ex_ptr, R2, T, RP2).to(dtype)
+    ex_t = _load_encoder(ex_ptr, R2, dtype, T, RC, NRC)
     blk = tl.program_id(0)
     step = tl.num_programs(0)
     gate = _load_encoded(gate_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, sg_p, sg_b, sg_i, sg_j,
@@ -368,12 +431,11 @@ def _decode_glu_encode_kernel(gate_ptr, gate_d_ptr, gate_bias_ptr, up_ptr, up_d_
         # scale, and the padding mask, applied once to the product.
         u = _tile_epilogue(_dot(up, up_d, IEEE), up_bias_ptr, bi, bj, NBIAS_U, ROWS, COLS,
                            scale, T, BI, BJ, 0, HAS_UP_BIAS, True)
-        acc = _dot((g * u).to(dtype), ex_t, IEEE)
-        _store_encoded(out_ptr, acc, b, bi, bj, R2, AT, CT, so_p, so_b, RP2, BI, BJ)
+        _encode_chunks(out_ptr, (g * u).to(dtype), ex_t, b, bi, bj, R2, AT, CT, so_p, so_b, RC,
+                       NRC, BI, BJ, IEEE)
         gate = gate_next
         up = up_next
         blk = nxt
-
 
 
 @triton.jit
@@ -418,25 +480,38 @@ def _row_sum(v, same_row):
 
 
 @triton.jit
+def _load_kept_sum(kept_ptr, blk, end, AT, n_bj, ROWS, COLS,
+                   T: tl.constexpr, BJ: tl.constexpr):
+    """Block ``blk`` of the ``h`` that pass 1 wrote (contiguous ``(B, ROWS, COLS)``) as tile
+    vectors ``(BJ, t*t)`` in fp32, zero at the padding; fully masked from block ``end`` on."""
+    h = _load_plain(kept_ptr, blk, end, AT, n_bj, ROWS, COLS, ROWS * COLS, COLS, 1, T, 1, BJ)
+    return _to_tile_vectors(h, T, 1, BJ).to(tl.float32)
+
+
+@triton.jit
 def _decode_norm_encode_kernel(enc_ptr, d_ptr, bias_ptr, res_ptr, w_ptr, nb_ptr, ex_ptr,
                                kept_ptr, out_ptr, R, R2, AT, CT, ROWS, COLS, NBIAS, n_strips,
                                n_bj, eps, se_p, se_b, se_i, se_j, sr_b, sr_n, sr_k, so_p, so_b,
-                               T: tl.constexpr, RP: tl.constexpr, RP2: tl.constexpr,
-                               BJ: tl.constexpr, RMS: tl.constexpr, KEEP: tl.constexpr,
-                               HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                               HAS_W: tl.constexpr, HAS_NB: tl.constexpr, IEEE: tl.constexpr):
+                               T: tl.constexpr, RP: tl.constexpr, RC: tl.constexpr,
+                               NRC: tl.constexpr, BJ: tl.constexpr, RMS: tl.constexpr,
+                               KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                               HAS_NB: tl.constexpr, IEEE: tl.constexpr):
     """Row-strip fusion: one strip (t rows of one batch entry, all column tiles) at a time.
 
     Pass 1 decodes the strip block by block (BJ tiles), adds bias and residual, writes ``h``
-    (KEEP 1) and accumulates statistics; pass 2 re-reads and re-decodes each block (from L2
-    where the strip's inputs are still there), normalizes, applies weight and bias, zeroes the
-    padding, encodes with ``ex`` and writes the planes (and ``n``, KEEP 2). Everything stays in the
+    (KEEP 1) and accumulates statistics; pass 2 gets each block's ``h`` again, normalizes,
+    applies weight and bias, zeroes the padding, encodes with ``ex`` (NRC chunks of RC ranks:
+    the normalized block is computed once) and writes the planes (and ``n``, KEEP 2). With
+    KEEP 1 pass 2 re-reads the ``h`` that pass 1 stored (1 element per element, behind a CTA
+    barrier: the threads read each other's stores); otherwise it re-reads and re-decodes the
+    inputs (r/16 + 1 elements, from L2 where they are still there). Everything stays in the
     ``(BJ, t*t)`` tile-vector layout of the decode dot: position q of a tile vector is row
     q // t of the strip, so a row's statistic is kept at each of its t positions.
     """
     dtype = enc_ptr.dtype.element_ty
     d = _load_basis(d_ptr, R, T, RP).to(dtype)
-    ex_t = _load_basis_t(ex_ptr, R2, T, RP2).to(dtype)
+    ex_t = _load_encoder(ex_ptr, R2, dtype, T, RC, NRC)
     n_blocks = n_strips * n_bj
     q = tl.arange(0, T * T)
     tile_j = tl.arange(0, BJ)[:, None]
@@ -459,10 +534,17 @@ def _decode_norm_encode_kernel(enc_ptr, d_ptr, bias_ptr, res_ptr, w_ptr, nb_ptr,
         acc_m2 = tl.full((BJ, T * T), 0.0, tl.float32)
         jb = 0
         while jb < n_bj:
-            # Prefetch the next block; after the last one, block 0 again for pass 2.
+            # Prefetch the next block. After the last one: with KEEP 1 nothing (masked: pass 2
+            # reads h, and nothing stays live through it); otherwise block 0 again, for pass 2.
+            if KEEP == 1:
+                nxt = strip * n_bj + jb + 1
+                end = (strip + 1) * n_bj
+            else:
+                nxt = strip * n_bj + (jb + 1) % n_bj
+                end = n_blocks
             enc_next, res_next = _load_row_inputs(
-                enc_ptr, res_ptr, strip * n_bj + (jb + 1) % n_bj, n_blocks, AT, n_bj, R, AT, CT,
-                ROWS, COLS, se_p, se_b, se_i, se_j, sr_b, sr_n, sr_k, T, RP, BJ, HAS_RES)
+                enc_ptr, res_ptr, nxt, end, AT, n_bj, R, AT, CT, ROWS, COLS, se_p, se_b, se_i,
+                se_j, sr_b, sr_n, sr_k, T, RP, BJ, HAS_RES)
             h = _residual_sum(enc, d, res, bias_ptr, i, jb, NBIAS, ROWS, COLS, T, BJ, HAS_BIAS,
                               HAS_RES, IEEE)
             if KEEP == 1:
@@ -491,21 +573,33 @@ def _decode_norm_encode_kernel(enc_ptr, d_ptr, bias_ptr, res_ptr, w_ptr, nb_ptr,
         rstd = tl.rsqrt(var + eps)[None, :]
         shift = shift[None, :]
         mean = mean[None, :]
-        # Pass 2: re-decode, normalize, weight / bias, zero the padding, encode.
+        if KEEP == 1:
+            # Every thread's h stores are visible to the whole program past this barrier (a
+            # no-op under the interpreter, which runs a program's block ops one at a time).
+            tl.debug_barrier()
+            kept = _load_kept_sum(kept_ptr, strip * n_bj, (strip + 1) * n_bj, AT, n_bj, ROWS,
+                                  COLS, T, BJ)
+        # Pass 2: h again, normalize, weight / bias, zero the padding, encode.
         jb = 0
         while jb < n_bj:
-            # Prefetch the next block; after the last one, block 0 of the next strip.
-            nxt = (strip + step * ((jb + 1) // n_bj)) * n_bj + (jb + 1) % n_bj
-            enc_next, res_next = _load_row_inputs(
-                enc_ptr, res_ptr, nxt, n_blocks, AT, n_bj, R, AT, CT, ROWS, COLS, se_p, se_b,
-                se_i, se_j, sr_b, sr_n, sr_k, T, RP, BJ, HAS_RES)
-            h = _residual_sum(enc, d, res, bias_ptr, i, jb, NBIAS, ROWS, COLS, T, BJ, HAS_BIAS,
-                              HAS_RES, IEEE)
+            if KEEP == 1:
+                # Prefetch the strip's next h block (none after the last).
+                kept_next = _load_kept_sum(kept_ptr, strip * n_bj + jb + 1, (strip + 1) * n_bj,
+                                           AT, n_bj, ROWS, COLS, T, BJ)
+                h = kept
+            else:
+                # Prefetch the next block; after the last one, block 0 of the next strip.
+                nxt = (strip + step * ((jb + 1) // n_bj)) * n_bj + (jb + 1) % n_bj
+                enc_next, res_next = _load_row_inputs(
+                    enc_ptr, res_ptr, nxt, n_blocks, AT, n_bj, R, AT, CT, ROWS, COLS, se_p,
+                    se_b, se_i, se_j, sr_b, sr_n, sr_k, T, RP, BJ, HAS_RES)
+                h = _residual_sum(enc, d, res, bias_ptr, i, jb, NBIAS, ROWS, COLS, T, BJ,
+                                  HAS_BIAS, HAS_RES, IEEE)
             n = _round(((h - shift) - mean) * rstd, dtype)
             cols = (jb * BJ + tile_j) * T + (q % T)[None, :]
             if HAS_W:
                 w = tl.load(w_ptr + cols, mask=cols < COLS, other=0.0)
-                n = _round(n.to(tl.float32) * w.to(tl.float32), dtype)
+                n = _round(_mul_rn(n.to(tl.float32), w.to(tl.float32)), dtype)
             if HAS_NB:
                 nb = tl.load(nb_ptr + cols, mask=cols < COLS, other=0.0)
                 n = _round(n.to(tl.float32) + nb.to(tl.float32), dtype)
@@ -513,12 +607,115 @@ def _decode_norm_encode_kernel(enc_ptr, d_ptr, bias_ptr, res_ptr, w_ptr, nb_ptr,
             n = tl.where((i * T + (q // T)[None, :] < ROWS) & (cols < COLS), n, 0.0).to(dtype)
             if KEEP == 2:
                 _store_plain(kept_ptr, n, b, i, jb, ROWS, COLS, T, 1, BJ)
-            acc = _dot(n, ex_t, IEEE)
-            _store_encoded(out_ptr, acc, b, i, jb, R2, AT, CT, so_p, so_b, RP2, 1, BJ)
-            enc = enc_next
-            res = res_next
+            _encode_chunks(out_ptr, n, ex_t, b, i, jb, R2, AT, CT, so_p, so_b, RC, NRC, 1, BJ,
+                           IEEE)
+            if KEEP == 1:
+                kept = kept_next
+            else:
+                enc = enc_next
+                res = res_next
             jb += 1
+        if KEEP == 1:
+            # Block 0 of the next strip (looping programs; masked past the last strip).
+            enc, res = _load_row_inputs(enc_ptr, res_ptr, (strip + step) * n_bj, n_blocks, AT,
+                                        n_bj, R, AT, CT, ROWS, COLS, se_p, se_b, se_i, se_j,
+                                        sr_b, sr_n, sr_k, T, RP, BJ, HAS_RES)
         strip += step
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-strip softmax: decode(QKᵀ) → scale → masks → softmax over keys → encode for AV.
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _per_row(v, combine: tl.constexpr, T: tl.constexpr, BJ: tl.constexpr):
+    """Reduce ``(BJ, t*t)`` tile vectors to one value per strip row, spread back to the t*t
+    positions: position q of a tile vector is row q // t."""
+    if combine == 0:
+        rows = _sum(_sum(tl.reshape(v, (BJ, T, T)), 2), 0)
+    else:
+        rows = tl.reduce(tl.reduce(tl.reshape(v, (BJ, T, T)), 2, _max_combine), 0, _max_combine)
+    return tl.reshape(tl.broadcast_to(rows[:, None], (T, T)), (T * T,))
+
+
+@triton.jit
+def _masked_scores(enc, d, mask_ptr, b, i, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2, sm_n,
+                   sm_k, T: tl.constexpr, BJ: tl.constexpr, MASK: tl.constexpr,
+                   CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """Scores of block ``jb`` of strip ``i`` as fp32 ``(BJ, t*t)`` tile vectors, rounded as the
+    unfused ops round (decode, then the scale, then an additive mask, in the dtype); -inf where
+    a mask drops a key and past the last key column (padding)."""
+    dtype = enc.dtype
+    s = _round(_dot(enc, d, IEEE), dtype).to(tl.float32)
+    s = _round(s * scale, dtype).to(tl.float32)
+    q = tl.arange(0, T * T)
+    rows = i * T + (q // T)[None, :]
+    cols = (jb * BJ + tl.arange(0, BJ))[:, None] * T + (q % T)[None, :]
+    valid = (rows < ROWS) & (cols < COLS)
+    if MASK != 0:
+        offs = (b // NB2) * sm_b1 + (b % NB2) * sm_b2 + rows * sm_n + cols * sm_k
+        m = tl.load(mask_ptr + offs, mask=valid, other=0)
+        if MASK == 1:
+            s = tl.where(m != 0, float("-inf"), s)
+        else:
+            s = _round(s + m.to(tl.float32), dtype).to(tl.float32)
+    if CAUSAL:
+        s = tl.where(cols > rows, float("-inf"), s)
+    return tl.where(cols < COLS, s, float("-inf"))
+
+
+@triton.jit
+def _decode_softmax_encode_kernel(enc_ptr, d_ptr, mask_ptr, ex_ptr, out_ptr, R, R2, AT, CT,
+                                  ROWS, COLS, n_strips, n_bj, scale, NB2, sm_b1, sm_b2, sm_n,
+                                  sm_k, se_p, se_b, se_i, se_j, so_p, so_b,
+                                  T: tl.constexpr, RP: tl.constexpr, RC: tl.constexpr,
+                                  NRC: tl.constexpr, BJ: tl.constexpr, MASK: tl.constexpr,
+                                  CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """One program per strip (t query rows of one batch entry, all key tiles). Pass 1 keeps a
+    running max and sum of exponentials per tile-vector position over the key blocks (online
+    softmax, element-wise), merged into row statistics once; pass 2 re-decodes each block,
+    normalizes, zeroes the padding and encodes with ``ex``."""
+    dtype = enc_ptr.dtype.element_ty
+    d = _load_basis(d_ptr, R, T, RP).to(dtype)
+    ex_t = _load_encoder(ex_ptr, R2, dtype, T, RC, NRC)
+    strip = tl.program_id(0)
+    b = strip // AT
+    i = strip % AT
+    n_blocks = n_strips * n_bj
+    run_max = tl.full((BJ, T * T), float("-inf"), tl.float32)
+    run_sum = tl.full((BJ, T * T), 0.0, tl.float32)
+    jb = 0
+    while jb < n_bj:
+        enc = _load_encoded(enc_ptr, strip * n_bj + jb, n_blocks, AT, n_bj, R, AT, CT, se_p,
+                            se_b, se_i, se_j, RP, 1, BJ)
+        s = _masked_scores(enc, d, mask_ptr, b, i, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2,
+                           sm_n, sm_k, T, BJ, MASK, CAUSAL, IEEE)
+        new_max = tl.maximum(run_max, s)
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # all -inf so far: no NaN
+        run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(s - safe)
+        run_max = new_max
+        jb += 1
+    row_max = _per_row(run_max, 1, T, BJ)
+    safe = tl.where(row_max == float("-inf"), 0.0, row_max)[None, :]
+    # A fully masked row has sum 0: 0/0 gives NaN, as torch.softmax does.
+    row_sum = _per_row(run_sum * tl.exp(run_max - safe), 0, T, BJ)[None, :]
+    jb = 0
+    while jb < n_bj:
+        enc = _load_encoded(enc_ptr, strip * n_bj + jb, n_blocks, AT, n_bj, R, AT, CT, se_p,
+                            se_b, se_i, se_j, RP, 1, BJ)
+        s = _masked_scores(enc, d, mask_ptr, b, i, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2,
+                           sm_n, sm_k, T, BJ, MASK, CAUSAL, IEEE)
+        p = _round(tl.exp(s - safe) / row_sum, dtype)
+        q = tl.arange(0, T * T)
+        cols = (jb * BJ + tl.arange(0, BJ))[:, None] * T + (q % T)[None, :]
+        p = tl.where((i * T + (q // T)[None, :] < ROWS) & (cols < COLS), p, 0.0).to(dtype)
+        _encode_chunks(out_ptr, p, ex_t, b, i, jb, R2, AT, CT, so_p, so_b, RC, NRC, 1, BJ, IEEE)
+        jb += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +815,10 @@ def decode(encoded: Tensor, basis: Tensor, tile: int, rows: int, cols: int) -> T
 
 
 def _fused_config(*ranks: int) -> tuple[int, ...]:
-    return CONFIGS["fused"][max(padded_rank(r) for r in ranks)]
+    """The "fused" config for these input ranks and, last, the output encoder's rank (keyed
+    by its chunk width)."""
+    *inputs, rank2 = ranks
+    return CONFIGS["fused"][max(encoder_chunks(rank2)[0], *map(padded_rank, inputs))]
 
 
 def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tensor,
@@ -626,7 +826,7 @@ def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tenso
     """``stl::decode_act_encode``: encode ``scale*act(decode(encoded, d) + bias)`` with ``ex``.
 
     The decoded tile never leaves registers; entries past ``rows``/``cols`` are zeroed
-    before the encode.
+    before the encode. ``ex`` may have up to MAX_ENCODER_RANK rows (encoded in chunks).
     """
     rank, *batch, at, ct = encoded.shape
     rank2 = ex.shape[0]
@@ -635,13 +835,14 @@ def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tenso
         return out
     e4 = _flat_encoded(encoded)
     bi, bj, warps, per_sm, maxnreg = _fused_config(rank, rank2)
+    rc, nrc = encoder_chunks(rank2)
     n_blocks, n_bi, n_bj = _blocks(e4.shape[1], at, ct, bi, bj)
     bias_arg = bias.contiguous() if bias is not None else out
     _decode_act_encode_kernel[(_programs(n_blocks, per_sm, encoded.device),)](
         e4, _basis(d), bias_arg, _basis(ex), out, rank, rank2, at, ct, n_bi, n_bj, n_blocks,
         bias.shape[-1] if bias is not None else 0, rows, cols, float(scale),
         *e4.stride(), out.stride(0), at * ct,
-        T=tile, RP=padded_rank(rank), RP2=padded_rank(rank2), BI=bi, BJ=bj,
+        T=tile, RP=padded_rank(rank), RC=rc, NRC=nrc, BI=bi, BJ=bj,
         ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None,
         IEEE=encoded.dtype == torch.float32, num_warps=warps, maxnreg=maxnreg or None)
     return out
@@ -650,7 +851,8 @@ def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tenso
 def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up: Tensor,
                       up_d: Tensor, up_bias: Tensor | None, ex: Tensor, activation: str,
                       scale: float, tile: int, rows: int, cols: int) -> Tensor:
-    """``stl::decode_glu_encode``: encode ``scale * act(gate + gb) * (up + ub)`` with ``ex``."""
+    """``stl::decode_glu_encode``: encode ``scale * act(gate + gb) * (up + ub)`` with ``ex``
+    (up to MAX_ENCODER_RANK rows)."""
     rank, *batch, at, ct = gate.shape
     rank_up, rank2 = up.shape[0], ex.shape[0]
     out = _new_output((rank2, *batch, at, ct), gate)
@@ -658,6 +860,7 @@ def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up
         return out
     g4, u4 = _flat_encoded(gate), _flat_encoded(up)
     bi, bj, warps, per_sm, maxnreg = _fused_config(rank, rank_up, rank2)
+    rc, nrc = encoder_chunks(rank2)
     n_blocks, n_bi, n_bj = _blocks(g4.shape[1], at, ct, bi, bj)
     _decode_glu_encode_kernel[(_programs(n_blocks, per_sm, gate.device),)](
         g4, _basis(gate_d), gate_bias.contiguous() if gate_bias is not None else out,
@@ -666,8 +869,8 @@ def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up
         gate_bias.shape[-1] if gate_bias is not None else 0,
         up_bias.shape[-1] if up_bias is not None else 0, rows, cols, float(scale),
         *g4.stride(), *u4.stride(), out.stride(0), at * ct,
-        T=tile, RP=padded_rank(rank), RPU=padded_rank(rank_up), RP2=padded_rank(rank2),
-        BI=bi, BJ=bj, ACT=ACTIVATION_CODES[activation], HAS_GATE_BIAS=gate_bias is not None,
+        T=tile, RP=padded_rank(rank), RPU=padded_rank(rank_up), RC=rc, NRC=nrc, BI=bi, BJ=bj,
+        ACT=ACTIVATION_CODES[activation], HAS_GATE_BIAS=gate_bias is not None,
         HAS_UP_BIAS=up_bias is not None, IEEE=gate.dtype == torch.float32, num_warps=warps,
         maxnreg=maxnreg or None)
     return out
@@ -687,7 +890,8 @@ def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual
 
     ``residual`` must broadcast to the decoded shape over batch dims and have ``encoded``'s
     dtype; ``weight`` and ``norm_bias`` are 1-D of length ``cols``. Like ``bias`` they are
-    rounded to the dtype first, as the composite does.
+    rounded to the dtype first, as the composite does. ``ex`` may have up to MAX_ENCODER_RANK
+    rows (stacked encoders; encoded in chunks of ENCODER_CHUNK past MAX_RANK).
     """
     rank, *batch, at, ct = encoded.shape
     rank2, dtype = ex.shape[0], encoded.dtype
@@ -698,8 +902,8 @@ def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual
     e4 = _flat_encoded(encoded)
     # A residual broadcast over batch dims is read with batch stride 0 where the dims merge.
     r3 = None if residual is None else _flat_plain(residual.expand(*batch, rows, cols))
-    _, bj, warps, per_sm, maxnreg = CONFIGS["row_norm"][max(padded_rank(rank),
-                                                            padded_rank(rank2))]
+    rc, nrc = encoder_chunks(rank2)
+    _, bj, warps, per_sm, maxnreg = CONFIGS["row_norm"][max(padded_rank(rank), rc)]
     n_strips, n_bj = e4.shape[1] * at, triton.cdiv(ct, bj)
 
     def vector(v: Tensor | None) -> Tensor:
@@ -711,8 +915,43 @@ def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual
         rows, cols, 0 if bias is None else bias.shape[-1], n_strips, n_bj,
         float(torch.finfo(dtype).eps if eps is None else eps),
         *e4.stride(), *((0, 0, 0) if r3 is None else r3.stride()), out.stride(0), at * ct,
-        T=tile, RP=padded_rank(rank), RP2=padded_rank(rank2), BJ=bj, RMS=norm == "rms",
+        T=tile, RP=padded_rank(rank), RC=rc, NRC=nrc, BJ=bj, RMS=norm == "rms",
         KEEP=KEEP_CODES[keep], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_W=weight is not None, HAS_NB=norm_bias is not None, IEEE=dtype == torch.float32,
         num_warps=warps, maxnreg=maxnreg or None)
     return kept, out
+
+
+def decode_softmax_encode(encoded: Tensor, d: Tensor, scale: float, mask: Tensor | None,
+                          causal: bool, ex: Tensor, tile: int, rows: int, cols: int) -> Tensor:
+    """``stl::decode_softmax_encode``: encode ``softmax(scale * decode(encoded, d) + mask)``
+    with ``ex`` strip by strip; the scores and probabilities never reach memory. A mask is read
+    through its strides (broadcast dims cost nothing) for up to two batch dims."""
+    rank, *batch, at, ct = encoded.shape
+    rank2 = ex.shape[0]
+    out = _new_output((rank2, *batch, at, ct), encoded)
+    if out.numel() == 0:
+        return out
+    e4 = _flat_encoded(encoded)
+    kind, strides, nb2 = 0, (0, 0, 0, 0), 1
+    if mask is not None:
+        kind = 1 if mask.dtype == torch.bool else 2
+        full = mask.expand(*batch, rows, cols)
+        if len(batch) > 2:
+            full = full.reshape(-1, rows, cols)  # a copy only when the dims cannot merge
+        lead = [(full.shape[k], full.stride(k)) for k in range(full.dim() - 2)]
+        lead = [(1, 0)] * (2 - len(lead)) + lead
+        nb2 = lead[1][0]
+        strides = (lead[0][1], lead[1][1], full.stride(-2), full.stride(-1))
+        # Booleans as bytes: the same memory, a pointer type the interpreter reads too.
+        mask = full.view(torch.uint8) if kind == 1 else full
+    rc, nrc = encoder_chunks(rank2)
+    bj, warps = CONFIGS["softmax"][max(padded_rank(rank), rc)]
+    n_strips = e4.shape[1] * at
+    _decode_softmax_encode_kernel[(n_strips,)](
+        e4, _basis(d), mask if mask is not None else out, _basis(ex), out, rank, rank2, at, ct,
+        rows, cols, n_strips, triton.cdiv(ct, bj), float(scale), nb2, *strides, *e4.stride(),
+        out.stride(0), at * ct,
+        T=tile, RP=padded_rank(rank), RC=rc, NRC=nrc, BJ=bj, MASK=kind,
+        CAUSAL=bool(causal), IEEE=encoded.dtype == torch.float32, num_warps=warps)
+    return out

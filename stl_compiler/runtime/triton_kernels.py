@@ -2,19 +2,21 @@
 
 Importing this module registers a CUDA kernel for each op of :mod:`.ops` (``stl::encode``,
 ``stl::decode``, ``stl::decode_epilogue``, ``stl::decode_act_encode``,
-``stl::decode_glu_encode``, ``stl::decode_norm_encode``) with ``register_kernel(..., "cuda")``;
-``stl::reencode`` and ``stl::decode_softmax_encode`` keep their aten composites on CUDA.
+``stl::decode_glu_encode``, ``stl::decode_norm_encode``, ``stl::decode_softmax_encode``) with
+``register_kernel(..., "cuda")``; ``stl::reencode`` keeps its aten composite on CUDA.
 Op names, schemas, fake implementations, autograd formulas and aten decompositions stay those
 of :mod:`.ops`, so eager mode, torch.compile (Inductor calls the op, which dispatches here),
 torch.export and autograd all keep working; only the CUDA computation changes.
 
 Nothing here imports ``triton`` until the first CUDA call: the package imports on machines
 without triton or without a GPU, and CPU tensors keep the aten composites. A CUDA call that
-the kernels do not cover (triton missing, a tile other than 4, rank > 64, another dtype)
-falls back to the aten composite too, as does any operand the kernel does not take as given
-(for ``stl::decode_norm_encode``: a residual on another device, a norm weight or
-bias that is not 1-D of length ``cols``; a residual broadcast over batch dims is read with
-stride 0, not copied).
+the kernels do not cover (triton missing, a tile other than 4, another dtype, a basis of
+more than 64 rows; the output encoder ``ex`` of ``stl::decode_act_encode``,
+``stl::decode_glu_encode`` and ``stl::decode_norm_encode``, often the stacked encoders of
+several sites, may have up to 256) falls back to the aten composite too, as does any operand
+the kernel does not take as given (for ``stl::decode_norm_encode``: a residual on another
+device, a norm weight or bias that is not 1-D of length ``cols``; a residual broadcast over
+batch dims is read with stride 0, not copied).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+import torch
 from torch import Tensor
 
 from . import ops
@@ -37,19 +40,22 @@ def kernels() -> ModuleType | None:
     return _triton_impl
 
 
-def _impl(operand: Tensor, tile: int, *bases: tuple[Tensor, int | None], elements: float
-          ) -> ModuleType | None:
-    """The kernel module if it handles ``operand`` with these ``(basis, expected rank)`` pairs.
+def _impl(operand: Tensor, tile: int, *bases: tuple[Tensor, int | None], elements: float,
+          encoder: Tensor | None = None) -> ModuleType | None:
+    """The kernel module if it handles ``operand`` with these ``(basis, expected rank)`` pairs
+    and the output ``encoder`` of a fused kernel (any rank up to ``MAX_ENCODER_RANK``).
 
     ``elements`` is the size of the largest tensor the kernel touches: the kernels index in
     32 bits. Anything else (wrong basis shape or device included) goes to the aten composite,
     which raises the usual errors instead of a kernel reading out of bounds.
     """
     impl = kernels()
+    encoders = () if encoder is None else (encoder,)
     if (impl is None or elements >= 2**31
-            or not impl.supports(tile, *(b for b, _ in bases), dtype=operand.dtype)):
+            or not impl.supports(tile, *(b for b, _ in bases), dtype=operand.dtype,
+                                 encoders=encoders)):
         return None
-    for basis, rank in bases:
+    for basis, rank in (*bases, *((e, None) for e in encoders)):
         if (basis.dim() != 2 or basis.shape[1] != tile * tile or basis.device != operand.device
                 or (rank is not None and basis.shape[0] != rank)):
             return None
@@ -99,7 +105,7 @@ def _decode_act_encode_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None, ex:
                             activation: str, scale: float, tile: int, rows: int, cols: int
                             ) -> Tensor:
     ops.check_activation(activation)
-    impl = _impl(encoded, tile, (d, encoded.shape[0]), (ex, None),
+    impl = _impl(encoded, tile, (d, encoded.shape[0]), encoder=ex,
                  elements=encoded.numel() * max(1, ex.shape[0] / max(1, encoded.shape[0])))
     if impl is None or not _bias_ok(bias, encoded, tile):
         return ops.decode_act_encode_aten(encoded, d, bias, ex, activation, scale, tile, rows,
@@ -112,7 +118,7 @@ def _decode_glu_encode_cuda(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | No
                             up_d: Tensor, up_bias: Tensor | None, ex: Tensor, activation: str,
                             scale: float, tile: int, rows: int, cols: int) -> Tensor:
     ops.check_activation(activation)
-    impl = _impl(gate, tile, (gate_d, gate.shape[0]), (up_d, up.shape[0]), (ex, None),
+    impl = _impl(gate, tile, (gate_d, gate.shape[0]), (up_d, up.shape[0]), encoder=ex,
                  elements=max(gate.numel(), up.numel(),
                               gate.numel() * ex.shape[0] / max(1, gate.shape[0])))
     if (impl is None or up.dtype != gate.dtype or up.shape[1:] != gate.shape[1:]
@@ -136,7 +142,7 @@ def _decode_norm_encode_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None,
     # The op's own checks (a registered kernel replaces the op's body on CUDA).
     ops.check_decode_norm_encode(encoded, residual, norm, keep, tile, rows, cols)
     rank = encoded.shape[0]
-    impl = _impl(encoded, tile, (d, rank), (ex, None),
+    impl = _impl(encoded, tile, (d, rank), encoder=ex,
                  elements=encoded.numel() * max(1, tile**2 / max(1, rank),
                                                 ex.shape[0] / max(1, rank)))
     if (impl is None or not _bias_ok(bias, encoded, tile)
@@ -148,3 +154,22 @@ def _decode_norm_encode_cuda(encoded: Tensor, d: Tensor, bias: Tensor | None,
         return kept.contiguous(), out.contiguous()
     return impl.decode_norm_encode(encoded, d, bias, residual, norm, weight, norm_bias, eps, ex,
                                    keep, tile, rows, cols)
+
+
+@ops.decode_softmax_encode.register_kernel("cuda")
+def _decode_softmax_encode_cuda(encoded: Tensor, d: Tensor, scale: float, mask: Tensor | None,
+                                causal: bool, ex: Tensor, tile: int, rows: int, cols: int
+                                ) -> Tensor:
+    ops._check_crop(encoded, tile, rows, cols)
+    rank = encoded.shape[0]
+    impl = _impl(encoded, tile, (d, rank), encoder=ex,
+                 elements=encoded.numel() * max(1, tile**2 / max(1, rank),
+                                                ex.shape[0] / max(1, rank)))
+    # The kernel reads a boolean mask, or an additive one of the scores' dtype (another
+    # dtype would promote the scores, as the composite does), on the same device.
+    if impl is None or (mask is not None and (
+            mask.device != encoded.device
+            or mask.dtype not in (torch.bool, encoded.dtype))):
+        return ops.decode_softmax_encode_aten(encoded, d, scale, mask, causal, ex, tile, rows,
+                                              cols).contiguous()
+    return impl.decode_softmax_encode(encoded, d, scale, mask, causal, ex, tile, rows, cols)

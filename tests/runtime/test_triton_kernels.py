@@ -124,12 +124,14 @@ def _act_encode_case(impl, call, gen, device, dtype, batch, a, c, rank, activati
            _ref(ops.decode_act_encode_aten, *args), dtype)
 
 
-def _glu_case(impl, call, gen, device, dtype, batch, a, c, rank, activation, rank2):
+def _glu_case(impl, call, gen, device, dtype, batch, a, c, rank, activation, rank2,
+              ex_rank=None):
+    """``rank``: gate (and, unless ``ex_rank`` is given, ex) ranks; ``rank2``: up ranks."""
     gate = _rand(gen, rank, *batch, a, c, dtype=dtype, device=device)
     up = _rand(gen, rank2, *batch, a, c, dtype=dtype, device=device)
     gate_d = _rand(gen, rank, 16, dtype=dtype, device=device)
     up_d = _rand(gen, rank2, 16, dtype=dtype, device=device)
-    ex = _rand(gen, rank, 16, dtype=dtype, device=device)
+    ex = _rand(gen, rank if ex_rank is None else ex_rank, 16, dtype=dtype, device=device)
     up_bias = _rand(gen, c * 4, dtype=dtype, device=device)
     args = (gate, gate_d, None, up, up_d, up_bias, ex, activation, 1.5, 4, a * 4 - 2, c * 4)
     _check(call(impl.decode_glu_encode, ops.decode_glu_encode, *args),
@@ -146,6 +148,24 @@ NORM_CASES = [
     ((), 3, 7, 7, 49, 3, 0, "rms", "sum", (False, True, True, False)),
     ((2,), 2, 6, 24, 16, 1, 1, "rms", "normed", (False, False, False, False)),
     ((2, 3), 2, 5, 16, 16, 2, 3, "rms", "none", (True, True, True, True)),
+]
+
+#: decode_norm_encode with stacked output encoders (Q, K, V: 72 rows; gate, up: 48; 130 = 4
+#: chunks of 32 and a partial one): as NORM_CASES, plus the dtype; ``c = None`` is two column
+#: blocks. Every keep with both norms and both dtypes, every ex rank with both norms and both
+#: dtypes, input ranks 24, 16, 49.
+STACKED_CASES = [
+    ((), 2, 5, 24, 72, 1, 3, "layer", "sum", (True, True, True, True), torch.bfloat16),
+    ((2,), 2, 4, 24, 72, 0, 1, "rms", "normed", (False, True, True, False), torch.bfloat16),
+    ((), 3, 3, 16, 72, 2, 0, "rms", "none", (True, True, False, False), torch.float32),
+    ((2,), 1, 6, 24, 72, 3, 2, "rms", "sum", (True, True, True, False), torch.float32),
+    ((2,), 2, 3, 24, 48, 1, 1, "rms", "sum", (False, True, True, False), torch.bfloat16),
+    ((), 2, 5, 49, 48, 0, 2, "layer", "normed", (True, True, True, True), torch.float32),
+    ((2,), 1, 4, 24, 48, 2, 0, "layer", "none", (True, False, True, True), torch.bfloat16),
+    ((), 1, None, 24, 130, 1, 3, "layer", "sum", (True, True, True, True), torch.float32),
+    ((2,), 1, 5, 16, 130, 2, 1, "rms", "normed", (False, True, True, False), torch.float32),
+    ((), 2, 4, 24, 130, 0, 0, "layer", "none", (True, True, True, True), torch.bfloat16),
+    ((), 2, 3, 49, 130, 3, 2, "layer", "normed", (False, True, False, True), torch.bfloat16),
 ]
 
 #: The argument names of stl::decode_norm_encode, in order.
@@ -179,6 +199,30 @@ def _norm_case(impl, call, gen, device, dtype, batch, a, c, rank, rank2, crop_ro
         assert kept.shape == (0,) and kept.dtype == dtype
     else:
         _check(kept, ref_kept, dtype)
+
+
+def _softmax_case(impl, call, gen, device, dtype, batch, a, c, rank, rank2, crop, mask_kind,
+                  causal, mask_shape=None):
+    """Attention scores of ``batch`` (…, a·4 − crop, c·4 − crop): encoded, decoded, masked,
+    normalized and re-encoded; ``mask_shape`` broadcasts to the scores."""
+    rows, cols = a * 4 - crop, c * 4 - crop
+    enc = _rand(gen, rank, *batch, a, c, dtype=dtype, device=device) * 0.5
+    d, ex = (_rand(gen, n, 16, dtype=dtype, device=device) for n in (rank, rank2))
+    shape = mask_shape or (*batch, rows, cols)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(*shape, generator=gen) < 0.3
+        mask[..., 0] = False  # keep one key per row: a fully masked row is NaN either way
+        mask = mask.to(device)
+    elif mask_kind == "additive":
+        mask = _rand(gen, *shape, dtype=dtype, device=device)
+    out = call(impl.decode_softmax_encode, ops.decode_softmax_encode, enc, d, 0.35, mask, causal,
+               ex, 4, rows, cols)
+    ref_mask = None if mask is None else (
+        mask if mask.dtype == torch.bool else mask.double()).cpu()
+    ref = _ref(lambda e, dd, x: ops.decode_softmax_encode_aten(e, dd, 0.35, ref_mask, causal, x,
+                                                               4, rows, cols), enc, d, ex)
+    _check(out, ref, dtype)
 
 
 def _launch(launcher, op, *args):
@@ -263,12 +307,88 @@ class _KernelChecks:
         _glu_case(impl, self.call, gen, self.device, dtype, (), 5, 33, 40,
                   activation, 49)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("mask_kind, causal", [("none", False), ("none", True),
+                                                   ("bool", False), ("additive", True)])
+    def test_decode_softmax_encode(self, impl, dtype, mask_kind, causal):
+        gen = torch.Generator().manual_seed(40)
+        # Partial tiles, two batch dims (heads); in float32 two key blocks of BJ tiles too.
+        c = impl.CONFIGS["softmax"][32][0] + 3 if dtype == torch.float32 else 5
+        _softmax_case(impl, self.call, gen, self.device, dtype, (2, 2), 3, c, 24, 24, 1,
+                      mask_kind, causal)
+        _softmax_case(impl, self.call, gen, self.device, dtype, (), 2, 3, 49, 16, 0,
+                      mask_kind, causal)
+
+    @pytest.mark.parametrize("mask_shape", [(2, 1, 1, 11), (1, 3, 11, 11), (11, 11)], ids=str)
+    def test_decode_softmax_encode_broadcast_mask(self, impl, mask_shape):
+        """Padding-style and per-head masks read through stride-0 dims, stacked encoders."""
+        gen = torch.Generator().manual_seed(41)
+        _softmax_case(impl, self.call, gen, self.device, torch.float32, (2, 3), 3, 3, 24, 72, 1,
+                      "bool", False, mask_shape=mask_shape)
+
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("index", range(len(NORM_CASES)),
                              ids=lambda i: "-".join(map(str, NORM_CASES[i][7:9])))
     def test_decode_norm_encode(self, impl, dtype, index):
         gen = torch.Generator().manual_seed(10 + index)
         _norm_case(impl, self.call, gen, self.device, dtype, *NORM_CASES[index])
+
+    @pytest.mark.parametrize("index", range(len(STACKED_CASES)), ids=lambda i: "-".join(
+        [str(STACKED_CASES[i][4]), *STACKED_CASES[i][7:9], str(STACKED_CASES[i][10])[6:]]))
+    def test_decode_norm_encode_stacked_encoders(self, impl, index):
+        """Output encoders of more than MAX_RANK rows, encoded in chunks of ranks from one
+        normalized block (and 48 rows, one padded chunk)."""
+        batch, a, c, rank, rank2, *rest, dtype = STACKED_CASES[index]
+        if c is None:  # two column blocks
+            c = impl.CONFIGS["row_norm"][max(impl.padded_rank(rank),
+                                             impl.encoder_chunks(rank2)[0])][1] + 3
+        gen = torch.Generator().manual_seed(30 + index)
+        _norm_case(impl, self.call, gen, self.device, dtype, batch, a, c, rank, rank2, *rest)
+
+    @pytest.mark.parametrize("norm", ["layer", "rms"])
+    def test_decode_norm_encode_rounding(self, impl, norm):
+        """bf16, two column blocks, stacked encoders, weight (and LayerNorm bias): ``h`` is
+        bit-identical to the composite's on the same device, ``n`` rounds as the composite
+        does (``n * weight`` rounded before the norm bias is added: a bf16 FMA there moves 1 in
+        4 values by an ulp), and keep="sum", which normalizes the ``h`` it stored and re-read
+        behind a barrier (the kept buffer is NaN-poisoned), encodes what keep="none", which
+        re-decodes, encodes. Up to 1 % of the values may differ by the rounding of the row
+        statistics, whose summation order is the compiler's."""
+        gen = torch.Generator().manual_seed(32)
+        r = lambda *shape: _rand(gen, *shape, dtype=torch.bfloat16,  # noqa: E731
+                                 device=self.device)
+        c = impl.CONFIGS["row_norm"][32][1] + 5
+        cols = 4 * c - 1
+        args = [r(24, 2, c), r(24, 16), r(cols), r(7, cols), norm, r(cols),
+                r(cols) if norm == "layer" else None, 1e-5, r(72, 16), "sum", 4, 7, cols]
+        keep = NORM_OP_ARGS.index("keep")
+
+        def run(mode):
+            args[keep] = mode
+            return self.call(impl.decode_norm_encode, ops.decode_norm_encode, *args)
+
+        def differ(a, b):
+            return (a != b).float().mean().item()
+
+        kept, out = run("sum")
+        normed, _ = run("normed")
+        _, out_none = run("none")
+        ref_kept, ref_out = _ref(ops.decode_norm_encode_aten, *args[:keep], "sum", *args[keep + 1:])
+        _check(kept, ref_kept, torch.bfloat16)
+        _check(out, ref_out, torch.bfloat16)
+        composite_h, _ = ops.decode_norm_encode_aten(*args[:keep], "sum", *args[keep + 1:])
+        composite_n, _ = ops.decode_norm_encode_aten(*args[:keep], "normed", *args[keep + 1:])
+        assert torch.equal(kept, composite_h)
+        assert differ(normed, composite_n) < 0.01
+        assert differ(out, out_none) < 0.01
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_fused_stacked_encoders(self, impl, dtype):
+        """decode_act_encode and decode_glu_encode with output encoders past MAX_RANK."""
+        gen = torch.Generator().manual_seed(31)
+        _act_encode_case(impl, self.call, gen, self.device, dtype, (2,), 5, 37, 24, "gelu", 72)
+        _glu_case(impl, self.call, gen, self.device, dtype, (), 3, 33, 24, "silu", 16,
+                  ex_rank=130)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     @pytest.mark.parametrize("norm", ["layer", "rms"])
@@ -314,6 +434,9 @@ class _KernelChecks:
         gen = torch.Generator().manual_seed(23)
         _norm_case(impl, self.call, gen, self.device, torch.float32, (2,), 5, bj + 3, 24, 16, 2,
                    3, "layer", "sum", (True, True, True, True))
+        # Without keep="sum" pass 2 re-decodes, and its last block prefetches the next strip.
+        _norm_case(impl, self.call, gen, self.device, torch.float32, (2,), 3, bj + 3, 24, 72, 1,
+                   2, "rms", "normed", (True, True, True, False))
 
 
 class TestInterpreted(_KernelChecks):
@@ -364,7 +487,10 @@ class TestInterpreted(_KernelChecks):
             run(residual=res.float())  # another dtype: refused, as on CPU
         assert run(weight=w[:1]) == 0  # broadcast weight
         assert run(norm_bias=r(1, 18)) == 0  # 2-D norm bias
-        assert run(ex=r(80, 16)) == 0  # rank above MAX_RANK
+        assert run(ex=r(80, 16)) == 2  # stacked encoders: chunks of ranks
+        assert run(ex=r(256, 16)) == 2  # MAX_ENCODER_RANK
+        assert run(ex=r(257, 16)) == 0  # past it
+        assert run(encoded=r(80, 2, 2, 5), d=r(80, 16)) == 0  # input rank above MAX_RANK
         assert run(residual=res[0]) == 2  # broadcast over the batch dim
         with pytest.raises(ValueError, match="residual of shape"):
             run(residual=r(3, 7, 18))
@@ -404,6 +530,20 @@ class TestCUDA(_KernelChecks):
         x = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
         basis = torch.randn(24, 16, device="cuda", dtype=torch.bfloat16)
         ops.decode(ops.encode(x, basis, 4), basis, 4, 8, 16)
+        assert len(calls) == 2
+
+    def test_stacked_encoders_dispatch_to_triton(self, impl, monkeypatch):
+        """decode_act_encode / decode_glu_encode with a 72-row ex take the kernels."""
+        calls = []
+        inner = impl._new_output
+        monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
+        gen = torch.Generator().manual_seed(9)
+        r = lambda *shape: _rand(gen, *shape, dtype=torch.bfloat16, device="cuda")  # noqa: E731
+        out = ops.decode_act_encode(r(24, 2, 3, 10), r(24, 16), None, r(72, 16), "gelu", 1.0, 4,
+                                    12, 40)
+        assert out.shape == (72, 2, 3, 10)
+        ops.decode_glu_encode(r(24, 3, 10), r(24, 16), None, r(24, 3, 10), r(24, 16), None,
+                              r(72, 16), "silu", 1.0, 4, 12, 40)
         assert len(calls) == 2
 
     @pytest.mark.parametrize("name", ["encode", "decode", "decode_epilogue",
@@ -452,16 +592,17 @@ class TestCUDA(_KernelChecks):
         with torch.no_grad():
             _check(compiled(x), linear(x).double().cpu(), torch.float32)
 
-    def test_decode_norm_encode_dispatches_to_triton(self, impl, monkeypatch):
+    @pytest.mark.parametrize("ex_rows", [16, 72])
+    def test_decode_norm_encode_dispatches_to_triton(self, impl, monkeypatch, ex_rows):
         calls = []
         inner = impl._new_output
         monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
         gen = torch.Generator().manual_seed(7)
         r = lambda *shape: _rand(gen, *shape, dtype=torch.bfloat16, device="cuda")  # noqa: E731
         args = (r(24, 2, 3, 40), r(24, 16), r(158), r(2, 10, 158), "layer", r(158), r(158),
-                None, r(16, 16), "sum", 4, 10, 158)
+                None, r(ex_rows, 16), "sum", 4, 10, 158)
         kept, out = torch.ops.stl.decode_norm_encode(*args)
-        assert len(calls) == 2
+        assert len(calls) == 2  # the kernel, not the composite (72 rows: stacked Q, K, V)
         ref_kept, ref_out = _ref(ops.decode_norm_encode_aten, *args)
         _check(kept, ref_kept, torch.bfloat16)
         _check(out, ref_out, torch.bfloat16)
