@@ -1,4 +1,5 @@
-"""Row-strip kernel benchmark: ``stl::decode_norm_encode`` against the unfused chain, on CUDA.
+"""Row-strip kernel benchmark: ``stl::decode_norm_encode`` and ``stl::decode_softmax_encode``
+against their unfused chains, on CUDA.
 
 One transformer boundary: the encoded output of one STL site (rank 24) is decoded, added to
 the residual stream, normalized (RMSNorm or LayerNorm) and encoded for every site that reads
@@ -11,6 +12,10 @@ one run on the same tensors (bf16, t=4):
 - unfused: ``torch.compile`` of decode → add → norm → encode (Triton decode and encode
            kernels; Inductor fuses the add and the norm into one kernel that writes the sum
            and the normalized value).
+
+Attention (``decode_softmax_encode``, the QKᵀ site's encoded scores → scale → causal mask →
+softmax → the AV site's encode), rank 24 in and out: fused op vs ``torch.compile`` of decode →
+scale → mask → softmax → encode.
 
 ``GB/s`` is the fused op's minimal traffic (encoded in, residual in, sum out, encoded out)
 over its time, for both rows: how close each comes to moving only the bytes that must move.
@@ -28,6 +33,7 @@ writes ``DIR/row_strip.json`` (``DIR`` defaults to ``$OUT``).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -88,6 +94,58 @@ def unfused(encoded, d, bias, residual, weight, norm_bias, ex, rows: int, cols: 
     return h, torch.ops.stl.encode(n, ex, TILE)
 
 
+#: (name, batch dims, sequence, causal)
+SOFTMAX_CASES = [
+    ("vit-h scores 32x16 heads x 257", (32, 16), 257, False),
+    ("llama scores 1x32 heads x 2048 causal", (1, 32), 2048, True),
+]
+
+
+def unfused_softmax(encoded, d, ex, rows: int, cols: int, causal: bool):
+    s = torch.ops.stl.decode(encoded, d, TILE, rows, cols) * 0.125
+    if causal:
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.ops.stl.encode(torch.softmax(s, dim=-1), ex, TILE)
+
+
+def softmax_rows(args, device, gen) -> tuple[list[dict], list[str]]:
+    compiled = torch.compile(unfused_softmax)
+    rows, failed = [], []
+    for name, batch, seq, causal in SOFTMAX_CASES:
+        if args.smoke:
+            batch, seq = (2, 2), 11
+        a = -(-seq // TILE)
+
+        def rand(*shape, scale, dtype=torch.bfloat16):
+            return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
+
+        enc, d, ex = rand(RANK, *batch, a, a, scale=0.5), rand(RANK, 16, scale=0.5), rand(
+            RANK, 16, scale=0.5)
+        fused_fn = functools.partial(torch.ops.stl.decode_softmax_encode, enc, d, 0.125, None,
+                                     causal, ex, TILE, seq, seq)
+        unfused_fn = functools.partial(compiled, enc, d, ex, seq, seq, causal)
+        diff = rel_error(fused_fn(), unfused_fn())
+        e32, d32, x32 = enc.float(), d.float(), ex.float()
+        fp32_err = rel_error(torch.ops.stl.decode_softmax_encode(
+            e32, d32, 0.125, None, causal, x32, TILE, seq, seq),
+            ops.decode_softmax_encode_aten(e32, d32, 0.125, None, causal, x32, TILE, seq, seq))
+        if fp32_err > FP32_GATE:
+            failed.append(name)
+        fused_ms = bench_ms(fused_fn, device, args.runs)
+        unfused_ms = bench_ms(unfused_fn, device, args.runs)
+        gbytes = 2 * 2 * enc.numel() / 1e9  # encoded scores in, encoded probabilities out
+        row = {"case": name, "batch": list(batch), "seq": seq, "causal": causal, "rank": RANK,
+               "fused_ms": fused_ms, "unfused_ms": unfused_ms, "speedup": unfused_ms / fused_ms,
+               "fused_gb_s": gbytes / fused_ms * 1e3, "unfused_gb_s": gbytes / unfused_ms * 1e3,
+               "bf16_rel_diff_fused_vs_unfused": diff, "fp32_rel_err_vs_composite": fp32_err}
+        rows.append(row)
+        print(f"  {name:<36} {fused_ms:>9.3f} {unfused_ms:>10.3f} {row['speedup']:>6.2f} "
+              f"{row['fused_gb_s']:>10.0f} {row['unfused_gb_s']:>12.0f} {diff:>9.1e} "
+              f"{fp32_err:>9.1e}")
+    return rows, failed
+
+
 def traffic_bytes(o) -> int:
     """Bytes the fused op must move: encoded in, residual in, sum out, encoded out."""
     size = o["residual"].element_size()
@@ -131,9 +189,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<36} {fused_ms:>9.3f} {unfused_ms:>10.3f} {row['speedup']:>6.2f} "
               f"{row['fused_gb_s']:>10.0f} {row['unfused_gb_s']:>12.0f} {diff:>9.1e} "
               f"{fp32_err:>9.1e}")
+    attention, attention_failed = softmax_rows(args, device, gen)
+    failed += attention_failed
     path = out_dir(args.out) / "row_strip.json"
     write_json(path, {"environment": env, "rank": RANK, "tile": TILE, "rows": rows,
-                      "fp32_gate": FP32_GATE, "failed": failed})
+                      "softmax_rows": attention, "fp32_gate": FP32_GATE, "failed": failed})
     print(f"wrote {path}")
     if failed:
         print(f"!!! float32 gate failed: {failed}", file=sys.stderr)
