@@ -80,10 +80,10 @@ CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
     # instead of 4) for a few spilled bytes; rank 49 prefers small looping programs. H200 sweep,
     # docs/kernel_notes.md ("Row-strip kernel").
     "row_norm": {16: (1, 128, 4, 0, 128), 32: (1, 64, 4, 0, 80), 64: (1, 64, 2, 8, 0)},
-    # decode_softmax_encode: (BJ, num_warps), one program per strip of t query rows walking
-    # the key tiles twice (online max / sum, then normalize and encode). Not swept yet: the
-    # row_norm shapes, which have the same per-block work.
-    "softmax": {16: (64, 4), 32: (64, 4), 64: (64, 2)},
+    # decode_softmax_encode: (largest BJ, num_warps), one program per strip of t query rows
+    # walking the key tiles twice (online max / sum, then normalize and encode); BJ shrinks to
+    # the key tiles of short rows (257 keys: one block of 128 tiles, not 64 + 1). Not swept.
+    "softmax": {16: (128, 4), 32: (128, 4), 64: (64, 4)},
 }
 
 
@@ -947,6 +947,7 @@ def decode_softmax_encode(encoded: Tensor, d: Tensor, scale: float, mask: Tensor
         mask = full.view(torch.uint8) if kind == 1 else full
     rc, nrc = encoder_chunks(rank2)
     bj, warps = CONFIGS["softmax"][max(padded_rank(rank), rc)]
+    bj = min(bj, max(16, triton.next_power_of_2(ct)))  # short rows: one block, little masking
     n_strips = e4.shape[1] * at
     _decode_softmax_encode_kernel[(n_strips,)](
         e4, _basis(d), mask if mask is not None else out, _basis(ex), out, rank, rank2, at, ct,
