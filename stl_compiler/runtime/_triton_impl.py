@@ -82,8 +82,9 @@ CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
     "row_norm": {16: (1, 128, 4, 0, 128), 32: (1, 64, 4, 0, 80), 64: (1, 64, 2, 8, 0)},
     # decode_softmax_encode: (largest BJ, num_warps), one program per strip of t query rows
     # walking the key tiles twice (online max / sum, then normalize and encode); BJ shrinks to
-    # the key tiles of short rows (257 keys: one block of 128 tiles, not 64 + 1). Not swept.
-    "softmax": {16: (128, 4), 32: (128, 4), 64: (64, 4)},
+    # the key tiles of short rows. Not swept: at 257 keys (65 tiles) BJ = 64 (two blocks) ran
+    # 0.406 ms and BJ = 128 (one block) 0.456 ms on the H200 (docs/benchmarks.md).
+    "softmax": {16: (64, 4), 32: (64, 4), 64: (64, 4)},
 }
 
 
