@@ -80,10 +80,11 @@ CONFIGS: dict[str, dict[int, tuple[int, ...]]] = {
     # instead of 4) for a few spilled bytes; rank 49 prefers small looping programs. H200 sweep,
     # docs/kernel_notes.md ("Row-strip kernel").
     "row_norm": {16: (1, 128, 4, 0, 128), 32: (1, 64, 4, 0, 80), 64: (1, 64, 2, 8, 0)},
-    # decode_softmax_encode: (largest BJ, num_warps), one program per strip of t query rows
-    # walking the key tiles twice (online max / sum, then normalize and encode); BJ shrinks to
-    # the key tiles of short rows. Not swept: at 257 keys (65 tiles) BJ = 64 (two blocks) ran
-    # 0.406 ms and BJ = 128 (one block) 0.456 ms on the H200 (docs/benchmarks.md).
+    # decode_softmax_encode: (tiles per block, num_warps). A program takes BI strips of t
+    # query rows and walks their key tiles BJ at a time, twice (online max / sum, then
+    # normalize and encode): BJ fits the row's key tiles with little masked waste, BI fills
+    # the rest of the block (``_softmax_block``: 257 keys = 65 tiles → BJ 16, BI 4), so short
+    # rows take fewer programs and waste less than one 64-tile block per 65-tile row.
     "softmax": {16: (64, 4), 32: (64, 4), 64: (64, 4)},
 }
 
@@ -634,29 +635,39 @@ def _max_combine(a, b):
 
 
 @triton.jit
-def _per_row(v, combine: tl.constexpr, T: tl.constexpr, BJ: tl.constexpr):
-    """Reduce ``(BJ, t*t)`` tile vectors to one value per strip row, spread back to the t*t
-    positions: position q of a tile vector is row q // t."""
+def _per_row(v, combine: tl.constexpr, T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """Reduce ``(BI*BJ, t*t)`` tile vectors (BI strips of BJ tiles) to one value per row of
+    each strip, spread back over the block: position q of a tile vector is row q // t."""
+    v = tl.reshape(v, (BI, BJ, T, T))
     if combine == 0:
-        rows = _sum(_sum(tl.reshape(v, (BJ, T, T)), 2), 0)
+        rows = _sum(_sum(v, 3), 1)
     else:
-        rows = tl.reduce(tl.reduce(tl.reshape(v, (BJ, T, T)), 2, _max_combine), 0, _max_combine)
-    return tl.reshape(tl.broadcast_to(rows[:, None], (T, T)), (T * T,))
+        rows = tl.reduce(tl.reduce(v, 3, _max_combine), 1, _max_combine)
+    return tl.reshape(tl.broadcast_to(rows[:, None, :, None], (BI, BJ, T, T)),
+                      (BI * BJ, T * T))
 
 
 @triton.jit
-def _masked_scores(enc, d, mask_ptr, b, i, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2, sm_n,
-                   sm_k, T: tl.constexpr, BJ: tl.constexpr, MASK: tl.constexpr,
-                   CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """Scores of block ``jb`` of strip ``i`` as fp32 ``(BJ, t*t)`` tile vectors, rounded as the
-    unfused ops round (decode, then the scale, then an additive mask, in the dtype); -inf where
-    a mask drops a key and past the last key column (padding)."""
+def _block_rows_cols(bi, jb, T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+    """Row and column of every entry of the ``(BI*BJ, t*t)`` tile vectors of block (bi, jb)."""
+    q = tl.arange(0, T * T)
+    tile = tl.arange(0, BI * BJ)
+    rows = (bi * BI + tile // BJ)[:, None] * T + (q // T)[None, :]
+    cols = (jb * BJ + tile % BJ)[:, None] * T + (q % T)[None, :]
+    return rows, cols
+
+
+@triton.jit
+def _masked_scores(enc, d, mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2, sm_n,
+                   sm_k, T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """Scores of block (bi, jb) as fp32 ``(BI*BJ, t*t)`` tile vectors, rounded as the unfused
+    ops round (decode, then the scale, then an additive mask, in the dtype); -inf where a mask
+    drops a key and past the last key column (padding)."""
     dtype = enc.dtype
     s = _round(_dot(enc, d, IEEE), dtype).to(tl.float32)
     s = _round(s * scale, dtype).to(tl.float32)
-    q = tl.arange(0, T * T)
-    rows = i * T + (q // T)[None, :]
-    cols = (jb * BJ + tl.arange(0, BJ))[:, None] * T + (q % T)[None, :]
+    rows, cols = _block_rows_cols(bi, jb, T, BI, BJ)
     valid = (rows < ROWS) & (cols < COLS)
     if MASK != 0:
         offs = (b // NB2) * sm_b1 + (b % NB2) * sm_b2 + rows * sm_n + cols * sm_k
@@ -672,50 +683,52 @@ def _masked_scores(enc, d, mask_ptr, b, i, jb, scale, ROWS, COLS, NB2, sm_b1, sm
 
 @triton.jit
 def _decode_softmax_encode_kernel(enc_ptr, d_ptr, mask_ptr, ex_ptr, out_ptr, R, R2, AT, CT,
-                                  ROWS, COLS, n_strips, n_bj, scale, NB2, sm_b1, sm_b2, sm_n,
+                                  ROWS, COLS, n_bi, n_bj, scale, NB2, sm_b1, sm_b2, sm_n,
                                   sm_k, se_p, se_b, se_i, se_j, so_p, so_b,
                                   T: tl.constexpr, RP: tl.constexpr, RC: tl.constexpr,
-                                  NRC: tl.constexpr, BJ: tl.constexpr, MASK: tl.constexpr,
-                                  CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """One program per strip (t query rows of one batch entry, all key tiles). Pass 1 keeps a
-    running max and sum of exponentials per tile-vector position over the key blocks (online
-    softmax, element-wise), merged into row statistics once; pass 2 re-decodes each block,
-    normalizes, zeroes the padding and encodes with ``ex``."""
+                                  NRC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                                  MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                                  IEEE: tl.constexpr):
+    """One program per BI strips (t query rows each, of one batch entry, all key tiles). Pass
+    1 keeps a running max and sum of exponentials per tile-vector position over the key blocks
+    (online softmax, element-wise), merged into row statistics once; pass 2 re-decodes each
+    block, normalizes, zeroes the padding and encodes with ``ex``. Several strips per program
+    make the loads of short rows (few key tiles) long contiguous runs."""
     dtype = enc_ptr.dtype.element_ty
     d = _load_basis(d_ptr, R, T, RP).to(dtype)
     ex_t = _load_encoder(ex_ptr, R2, dtype, T, RC, NRC)
-    strip = tl.program_id(0)
-    b = strip // AT
-    i = strip % AT
-    n_blocks = n_strips * n_bj
-    run_max = tl.full((BJ, T * T), float("-inf"), tl.float32)
-    run_sum = tl.full((BJ, T * T), 0.0, tl.float32)
+    group = tl.program_id(0)  # (batch entry, block of BI strips)
+    b = group // n_bi
+    bi = group % n_bi
+    n_blocks = tl.num_programs(0) * n_bj
+    run_max = tl.full((BI * BJ, T * T), float("-inf"), tl.float32)
+    run_sum = tl.full((BI * BJ, T * T), 0.0, tl.float32)
     jb = 0
     while jb < n_bj:
-        enc = _load_encoded(enc_ptr, strip * n_bj + jb, n_blocks, AT, n_bj, R, AT, CT, se_p,
-                            se_b, se_i, se_j, RP, 1, BJ)
-        s = _masked_scores(enc, d, mask_ptr, b, i, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2,
-                           sm_n, sm_k, T, BJ, MASK, CAUSAL, IEEE)
+        enc = _load_encoded(enc_ptr, group * n_bj + jb, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
+                            se_b, se_i, se_j, RP, BI, BJ)
+        s = _masked_scores(enc, d, mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2,
+                           sm_n, sm_k, T, BI, BJ, MASK, CAUSAL, IEEE)
         new_max = tl.maximum(run_max, s)
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # all -inf so far: no NaN
         run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(s - safe)
         run_max = new_max
         jb += 1
-    row_max = _per_row(run_max, 1, T, BJ)
-    safe = tl.where(row_max == float("-inf"), 0.0, row_max)[None, :]
+    row_max = _per_row(run_max, 1, T, BI, BJ)
+    safe = tl.where(row_max == float("-inf"), 0.0, row_max)
     # A fully masked row has sum 0: 0/0 gives NaN, as torch.softmax does.
-    row_sum = _per_row(run_sum * tl.exp(run_max - safe), 0, T, BJ)[None, :]
+    row_sum = _per_row(run_sum * tl.exp(run_max - safe), 0, T, BI, BJ)
     jb = 0
     while jb < n_bj:
-        enc = _load_encoded(enc_ptr, strip * n_bj + jb, n_blocks, AT, n_bj, R, AT, CT, se_p,
-                            se_b, se_i, se_j, RP, 1, BJ)
-        s = _masked_scores(enc, d, mask_ptr, b, i, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2,
-                           sm_n, sm_k, T, BJ, MASK, CAUSAL, IEEE)
+        enc = _load_encoded(enc_ptr, group * n_bj + jb, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
+                            se_b, se_i, se_j, RP, BI, BJ)
+        s = _masked_scores(enc, d, mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2,
+                           sm_n, sm_k, T, BI, BJ, MASK, CAUSAL, IEEE)
         p = _round(tl.exp(s - safe) / row_sum, dtype)
-        q = tl.arange(0, T * T)
-        cols = (jb * BJ + tl.arange(0, BJ))[:, None] * T + (q % T)[None, :]
-        p = tl.where((i * T + (q // T)[None, :] < ROWS) & (cols < COLS), p, 0.0).to(dtype)
-        _encode_chunks(out_ptr, p, ex_t, b, i, jb, R2, AT, CT, so_p, so_b, RC, NRC, 1, BJ, IEEE)
+        rows, cols = _block_rows_cols(bi, jb, T, BI, BJ)
+        p = tl.where((rows < ROWS) & (cols < COLS), p, 0.0).to(dtype)
+        _encode_chunks(out_ptr, p, ex_t, b, bi, jb, R2, AT, CT, so_p, so_b, RC, NRC, BI, BJ,
+                       IEEE)
         jb += 1
 
 
@@ -923,6 +936,18 @@ def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual
     return kept, out
 
 
+def _softmax_block(key_tiles: int, strips: int, tiles: int) -> tuple[int, int]:
+    """(BJ, BI) of the softmax strip kernel for rows of ``key_tiles`` tiles: the widest BJ
+    (16 ≤ BJ ≤ ``tiles``) that wastes at most a quarter of the row on masked tiles (the
+    narrowest waste otherwise), and BI = tiles / BJ strips per program (not more than
+    there are)."""
+    widths = [w for w in (64, 32, 16) if w <= tiles]
+    waste = {w: triton.cdiv(key_tiles, w) * w - key_tiles for w in widths}
+    fitting = [w for w in widths if 4 * waste[w] <= triton.cdiv(key_tiles, w) * w]
+    bj = fitting[0] if fitting else min(widths, key=waste.__getitem__)
+    return bj, max(1, min(tiles // bj, triton.next_power_of_2(strips)))
+
+
 def decode_softmax_encode(encoded: Tensor, d: Tensor, scale: float, mask: Tensor | None,
                           causal: bool, ex: Tensor, tile: int, rows: int, cols: int) -> Tensor:
     """``stl::decode_softmax_encode``: encode ``softmax(scale * decode(encoded, d) + mask)``
@@ -947,13 +972,13 @@ def decode_softmax_encode(encoded: Tensor, d: Tensor, scale: float, mask: Tensor
         # Booleans as bytes: the same memory, a pointer type the interpreter reads too.
         mask = full.view(torch.uint8) if kind == 1 else full
     rc, nrc = encoder_chunks(rank2)
-    bj, warps = CONFIGS["softmax"][max(padded_rank(rank), rc)]
-    bj = min(bj, max(16, triton.next_power_of_2(ct)))  # short rows: one block, little masking
-    n_strips = e4.shape[1] * at
-    _decode_softmax_encode_kernel[(n_strips,)](
+    tiles, warps = CONFIGS["softmax"][max(padded_rank(rank), rc)]
+    bj, bi = _softmax_block(ct, at, tiles)
+    n_bi = triton.cdiv(at, bi)
+    _decode_softmax_encode_kernel[(e4.shape[1] * n_bi,)](
         e4, _basis(d), mask if mask is not None else out, _basis(ex), out, rank, rank2, at, ct,
-        rows, cols, n_strips, triton.cdiv(ct, bj), float(scale), nb2, *strides, *e4.stride(),
+        rows, cols, n_bi, triton.cdiv(ct, bj), float(scale), nb2, *strides, *e4.stride(),
         out.stride(0), at * ct,
-        T=tile, RP=padded_rank(rank), RC=rc, NRC=nrc, BJ=bj, MASK=kind,
+        T=tile, RP=padded_rank(rank), RC=rc, NRC=nrc, BI=bi, BJ=bj, MASK=kind,
         CAUSAL=bool(causal), IEEE=encoded.dtype == torch.float32, num_warps=warps)
     return out

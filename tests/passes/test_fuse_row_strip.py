@@ -298,3 +298,19 @@ def test_probabilities_read_elsewhere_are_not_fused():
               or "read elsewhere" in b.reason]
     assert row.kind == "not fused"
     assert row.reason == "row-strip: the scores or the probabilities are read elsewhere"
+
+
+def test_bf16_llama_rmsnorm_with_float32_casts_fuses_exactly():
+    """transformers' LlamaRMSNorm in bf16 casts to float32 and back around the statistics;
+    the row strip must see through the casts and round as the unfused graph does."""
+    pytest.importorskip("transformers")
+    from model_zoo import CASES
+
+    model = CASES["llama"].build().eval().to(torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 8))
+    plain, fused = [stl_compile(model, (), STLConfig(min_dim=8, basis="strassen", fuse=fuse),
+                                example_kwargs={"input_ids": ids}, backend="eager")
+                    for fuse in (False, True)]
+    assert _count(fused, stl.decode_norm_encode) == 4
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
