@@ -101,14 +101,17 @@ class STLReport:
             lines.append(f"model output rel. error added by this conversion on the example "
                          f"inputs: {self.model_rel_error:.3e}")
         if self.boundaries:
-            lines.append("")
-            lines.append(f"{'boundary (producer -> consumers)':<60} {'fusion':<12} "
-                         f"{'bytes saved':>12}  note")
+            edges = []
             for b in self.boundaries:
                 shown = ", ".join(b.consumers[:3])
                 more = f" (+{len(b.consumers) - 3})" if len(b.consumers) > 3 else ""
-                edge = f"{b.producer} -> {shown}{more}"
-                lines.append(f"{edge:<60} {b.kind:<12} {b.bytes_saved:>12}  {b.reason}")
+                edges.append(f"{b.producer} -> {shown}{more}")
+            width = max(len("boundary (producer -> consumers)"), *map(len, edges))
+            lines.append("")
+            lines.append(f"{'boundary (producer -> consumers)':<{width}} {'fusion':<12} "
+                         f"{'bytes saved':>12}  note")
+            for edge, b in zip(edges, self.boundaries):
+                lines.append(f"{edge:<{width}} {b.kind:<12} {b.bytes_saved:>12}  {b.reason}")
         return "\n".join(lines)
 
 

@@ -127,6 +127,7 @@ def test_one_norm_feeding_several_sites_is_encoded_once():
     assert _count(plain, stl.encode) - _count(fused, stl.encode) == 3
     # unfused: decoded + sum + normed written and read (x3 encodes); fused: only the sum written
     assert row.bytes_saved == 2 * 8 * 32 * 4 * (5 + 3) - 2 * 8 * 32 * 4
+
     _agree(plain, fused, [(2, 8, 32), (3, 6, 32)])
 
 
@@ -314,3 +315,16 @@ def test_bf16_llama_rmsnorm_with_float32_casts_fuses_exactly():
     assert _count(fused, stl.decode_norm_encode) == 4
     with torch.no_grad():
         assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_printed_boundary_table_stays_aligned_with_long_names():
+    from stl_compiler.report import BoundaryRow, STLReport
+
+    long = "model.layers.11.self_attn.o_proj"
+    report = STLReport(boundaries=[
+        BoundaryRow(long, [f"{long[:-6]}{p}_proj" for p in "qkv"], "row-strip", "x", 1),
+        BoundaryRow("a", ["b"], "elementwise", "y", 2)])
+    lines = str(report).splitlines()[-3:]
+    assert len({line.index(" row-strip ") if "row-strip" in line else
+                line.index(" elementwise ") if "elementwise" in line else line.index(" fusion ")
+                for line in lines}) == 1
