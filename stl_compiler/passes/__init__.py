@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch import fx
 
+from .canonicalize_pointwise import canonicalize_pointwise
 from .context import PassContext
 from .decompose_sdpa import decompose_sdpa
 from .fuse_decode_encode import fuse_decode_encode
@@ -29,6 +30,7 @@ PASSES: list[Pass] = [
     rewrite_linear,
     rewrite_matmul,
     lower_sites,
+    canonicalize_pointwise,
     fuse_row_strip,
     fuse_decode_encode,
 ]
