@@ -110,6 +110,23 @@ def unfused_softmax(encoded, d, ex, rows: int, cols: int, causal: bool):
     return torch.ops.stl.encode(torch.softmax(s, dim=-1), ex, TILE)
 
 
+def timed_row(name: str, fused_fn, unfused_fn, traffic: int, diff: float, fp32_err: float,
+              device, runs: int, **fields) -> dict:
+    """Time both callables side by side; the table row (printed) with ``traffic`` bytes as
+    GB/s for each."""
+    fused_ms = bench_ms(fused_fn, device, runs)
+    unfused_ms = bench_ms(unfused_fn, device, runs)
+    gbytes = traffic / 1e9
+    row = {"case": name, **fields, "rank": RANK, "fused_ms": fused_ms, "unfused_ms": unfused_ms,
+           "speedup": unfused_ms / fused_ms, "fused_gb_s": gbytes / fused_ms * 1e3,
+           "unfused_gb_s": gbytes / unfused_ms * 1e3, "bf16_rel_diff_fused_vs_unfused": diff,
+           "fp32_rel_err_vs_composite": fp32_err}
+    print(f"  {name:<36} {fused_ms:>9.3f} {unfused_ms:>10.3f} {row['speedup']:>6.2f} "
+          f"{row['fused_gb_s']:>10.0f} {row['unfused_gb_s']:>12.0f} {diff:>9.1e} "
+          f"{fp32_err:>9.1e}")
+    return row
+
+
 def softmax_rows(args, device, gen) -> tuple[list[dict], list[str]]:
     compiled = torch.compile(unfused_softmax)
     rows, failed = [], []
@@ -133,17 +150,9 @@ def softmax_rows(args, device, gen) -> tuple[list[dict], list[str]]:
             ops.decode_softmax_encode_aten(e32, d32, 0.125, None, causal, x32, TILE, seq, seq))
         if fp32_err > FP32_GATE:
             failed.append(name)
-        fused_ms = bench_ms(fused_fn, device, args.runs)
-        unfused_ms = bench_ms(unfused_fn, device, args.runs)
-        gbytes = 2 * 2 * enc.numel() / 1e9  # encoded scores in, encoded probabilities out
-        row = {"case": name, "batch": list(batch), "seq": seq, "causal": causal, "rank": RANK,
-               "fused_ms": fused_ms, "unfused_ms": unfused_ms, "speedup": unfused_ms / fused_ms,
-               "fused_gb_s": gbytes / fused_ms * 1e3, "unfused_gb_s": gbytes / unfused_ms * 1e3,
-               "bf16_rel_diff_fused_vs_unfused": diff, "fp32_rel_err_vs_composite": fp32_err}
-        rows.append(row)
-        print(f"  {name:<36} {fused_ms:>9.3f} {unfused_ms:>10.3f} {row['speedup']:>6.2f} "
-              f"{row['fused_gb_s']:>10.0f} {row['unfused_gb_s']:>12.0f} {diff:>9.1e} "
-              f"{fp32_err:>9.1e}")
+        # encoded scores in, encoded probabilities out
+        rows.append(timed_row(name, fused_fn, unfused_fn, 2 * 2 * enc.numel(), diff, fp32_err,
+                              device, args.runs, batch=list(batch), seq=seq, causal=causal))
     return rows, failed
 
 
@@ -199,18 +208,10 @@ def run(args: argparse.Namespace) -> int:
         fp32_err = max(rel_error(a, b) for a, b in zip(fused(o32), composite))
         if fp32_err > FP32_GATE:
             failed.append(name)
-        fused_ms = bench_ms(lambda o=o: fused(o), device, args.runs)
-        unfused_ms = bench_ms(lambda a=args_unfused: compiled(**a), device, args.runs)
-        gbytes = traffic_bytes(o) / 1e9
-        row = {"case": name, "batch": batch, "seq": seq, "hidden": hidden, "norm": norm,
-               "consumers": consumers, "rank": RANK, "fused_ms": fused_ms,
-               "unfused_ms": unfused_ms, "speedup": unfused_ms / fused_ms,
-               "fused_gb_s": gbytes / fused_ms * 1e3, "unfused_gb_s": gbytes / unfused_ms * 1e3,
-               "bf16_rel_diff_fused_vs_unfused": diff, "fp32_rel_err_vs_composite": fp32_err}
-        rows.append(row)
-        print(f"  {name:<36} {fused_ms:>9.3f} {unfused_ms:>10.3f} {row['speedup']:>6.2f} "
-              f"{row['fused_gb_s']:>10.0f} {row['unfused_gb_s']:>12.0f} {diff:>9.1e} "
-              f"{fp32_err:>9.1e}")
+        rows.append(timed_row(name, functools.partial(fused, o),
+                              functools.partial(compiled, **args_unfused), traffic_bytes(o),
+                              diff, fp32_err, device, args.runs, batch=batch, seq=seq,
+                              hidden=hidden, norm=norm, consumers=consumers))
     attention, attention_failed = softmax_rows(args, device, gen)
     failed += attention_failed
     e2e = end_to_end_check(device)

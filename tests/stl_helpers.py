@@ -25,3 +25,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     denom = torch.linalg.vector_norm(b)
     diff = torch.linalg.vector_norm(a - b)
     return float(diff / denom) if denom > 0 else float(diff)
+
+
+def assert_gradients_match(plain: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor,
+                           tol: float = 1e-5) -> None:
+    """The same loss through two compiled graphs of one model (``fused`` gets ``plain``'s
+    weights): every parameter's and the input's gradient exist and agree within ``tol``."""
+    fused.load_state_dict(plain.state_dict())
+    grads = []
+    for gm in (plain, fused):
+        xi = x.clone().requires_grad_()
+        gm(xi).square().sum().backward()
+        grads.append({"input": xi.grad, **{n: p.grad for n, p in gm.named_parameters()}})
+    assert grads[0].keys() == grads[1].keys()
+    for key, ref in grads[0].items():
+        assert ref is not None and grads[1][key] is not None, f"no gradient for {key}"
+        assert rel_err(grads[1][key], ref) < tol, key

@@ -261,6 +261,14 @@ def fuse_row_strip(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return gm
 
 
+def _erase_region(graph: fx.Graph, region: list[fx.Node], order: dict[fx.Node, int]) -> None:
+    """Erase a replaced chain: its export dtype asserts, then every node left unused."""
+    for node in region:
+        for check in [u for u in node.users if u.target in _CHECKS]:
+            graph.erase_node(check)
+    erase_dead(graph, sorted(region, key=order.__getitem__, reverse=True))
+
+
 def _replace(graph: fx.Graph, strip: Strip, keep: str, kept_nodes: list[fx.Node],
              ctx: PassContext) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -281,11 +289,7 @@ def _replace(graph: fx.Graph, strip: Strip, keep: str, kept_nodes: list[fx.Node]
             user.replace_input_with(node, kept)
     if keep == "none":
         graph.erase_node(kept)
-    region = strip.region()
-    for node in region:
-        for check in [u for u in node.users if u.target in _CHECKS]:
-            graph.erase_node(check)
-    erase_dead(graph, sorted(region, key=order.__getitem__, reverse=True))
+    _erase_region(graph, strip.region(), order)
     decoded = value_bytes(branch.decode)
     # Unfused, the decoded value is written and read, the sum (with a residual) written and
     # read, the normalized value written and read by each encode; fused, only ``kept`` is
@@ -404,11 +408,8 @@ def _replace_softmax(graph: fx.Graph, strip: SoftmaxStrip, ctx: PassContext) -> 
         hand_over(graph, strip.consumers, out, first)
     causal = [strip.causal, strip.causal.args[0], strip.causal.args[0].args[0]] \
         if strip.causal is not None else []
-    region = [branch.decode, *branch.chain, *strip.nodes, *strip.passthrough, *causal]
-    for node in region:
-        for check in [u for u in node.users if u.target in _CHECKS]:
-            graph.erase_node(check)
-    erase_dead(graph, sorted(region, key=order.__getitem__, reverse=True))
+    _erase_region(graph, [branch.decode, *branch.chain, *strip.nodes, *strip.passthrough,
+                          *causal], order)
     ctx.report.boundaries.append(BoundaryRow(
         producer=site_name(branch.decode), consumers=[site_name(c) for c in strip.consumers],
         kind="row-strip",

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_zoo import CASES, output_tensor
-from stl_helpers import rel_err
+from stl_helpers import assert_gradients_match, rel_err
 from torch import nn
 
 from stl_compiler import STLConfig, stl_compile
@@ -131,15 +131,7 @@ def test_gradients_through_fused_ops_match_unfused():
     model = MLP([32, 64, 48, 16], ["gelu", "relu"])
     x = torch.randn(2, 10, 32)
     plain, fused = _pair(model, (x,), basis="random", rank=24)
-    fused.load_state_dict(plain.state_dict())
-    grads = []
-    for gm in (plain, fused):
-        xi = x.clone().requires_grad_()
-        gm(xi).square().sum().backward()
-        grads.append({"input": xi.grad, **{n: p.grad for n, p in gm.named_parameters()}})
-    assert grads[0].keys() == grads[1].keys()
-    for key in grads[0]:
-        assert rel_err(grads[1][key], grads[0][key]) < 1e-5, key
+    assert_gradients_match(plain, fused, x)
 
 
 def test_decode_feeding_several_encodes_is_decoded_once():

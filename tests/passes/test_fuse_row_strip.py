@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from stl_helpers import rel_err
+from stl_helpers import assert_gradients_match, rel_err
 from torch import nn
 
 from stl_compiler import STLConfig, stl_compile
@@ -155,15 +155,7 @@ def test_gradients_match_unfused():
     x = torch.randn(2, 10, 32)
     plain, fused = _pair(model, x, basis="random", rank=24)
     assert _count(fused, stl.decode_norm_encode) == 2
-    fused.load_state_dict(plain.state_dict())
-    grads = []
-    for gm in (plain, fused):
-        xi = x.clone().requires_grad_()
-        gm(xi).square().sum().backward()
-        grads.append({"input": xi.grad, **{n: p.grad for n, p in gm.named_parameters()}})
-    assert grads[0].keys() == grads[1].keys()
-    for key in grads[0]:
-        assert grads[0][key] is not None and rel_err(grads[1][key], grads[0][key]) < 1e-5, key
+    assert_gradients_match(plain, fused, x)
 
 
 def test_sum_and_normed_both_read_elsewhere_is_reported():
@@ -272,17 +264,8 @@ def test_causal_attention_dynamic_lengths_and_gradients(seq):
                                 backend="eager") for fuse in (False, True)]
     assert _count(fused, stl.decode_softmax_encode) == 1
     fused.load_state_dict(plain.state_dict())
-    for shape in ((2, seq, 32), (3, 5, 32), (1, 13, 32)):
-        x2 = torch.randn(*shape)
-        with torch.no_grad():
-            assert rel_err(fused(x2), plain(x2)) < 1e-5, shape
-    grads = []
-    for gm in (plain, fused):
-        xi = x.clone().requires_grad_()
-        gm(xi).square().sum().backward()
-        grads.append([xi.grad] + [p.grad for p in gm.parameters()])
-    for a, b in zip(*grads):
-        assert rel_err(b, a) < 1e-5
+    _agree(plain, fused, [(2, seq, 32), (3, 5, 32), (1, 13, 32)])
+    assert_gradients_match(plain, fused, x)
 
 
 def test_probabilities_read_elsewhere_are_not_fused():
