@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 
@@ -37,12 +38,14 @@ class Block(nn.Module):
 RANKS = (16, 24, 32, 40, 49)
 
 
-def parse_args(doc: str, out: str) -> argparse.Namespace:
+def parse_args(doc: str, out: str, ranks: tuple[int, ...] = RANKS) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(ranks))
     parser.add_argument("--steps", type=int, default=None, help="training steps (dense and A)")
     parser.add_argument("--out", default=out, help="JSON results file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="ranks run in parallel processes (one thread each)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     return args
@@ -81,36 +84,65 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, steps: int, lr
 
 def convert_variants(dense: nn.Module, rank: int, row_grouping: str, calib: list,
                      distill_batches: list, distill_steps: int, evaluate: Callable,
-                     lr: float) -> dict:
-    """(B): plain encoding, + calibration, + distillation (from the calibrated model)."""
+                     lr: float, calib_options: dict | None = None,
+                     distill_options: dict | None = None) -> dict:
+    """(B): plain encoding, + calibration, + distillation (from the calibrated model).
+
+    ``calib_options`` / ``distill_options``: extra keyword arguments of :func:`calibrate`
+    (``steps=2`` unless given; the dense model is the teacher) and :func:`distill`."""
     plain = to_stl(dense, rank, row_grouping)
     result = {"plain": evaluate(plain)}
     calibrated = to_stl(dense, rank, row_grouping, keep_reference=True)
-    table = calibrate(calibrated, calib, steps=2, progress=False)
+    table = calibrate(calibrated, calib, **{"steps": 2, "teacher": dense, "progress": False,
+                                            **(calib_options or {})})
     result["calibrated"] = evaluate(calibrated)
     result["calibration"] = table.rows
-    distill(calibrated, dense, distill_batches, steps=distill_steps, lr=lr, progress=False)
+    distill(calibrated, dense, distill_batches, steps=distill_steps,
+            **{"lr": lr, "progress": False, **(distill_options or {})})
     result["distilled"] = evaluate(calibrated)
     return result
 
 
 def compare_ranks(ranks: list[int], init: nn.Module, dense: nn.Module, row_grouping: str,
                   batches: Callable[[], Iterator], loss_fn: Callable, steps: int, calib: list,
-                  distill_batches: list, metric: Callable[[nn.Module], float], fmt: str
+                  distill_batches: list, metric: Callable[[nn.Module], float], fmt: str,
+                  recipe: Callable[[int], tuple[dict, dict]] | None = None, jobs: int = 1
                   ) -> dict:
     """Per rank: (A) train from scratch with STL, (B) convert ``dense`` plain, + calibration,
-    + distillation; ``metric`` of each, printed as it goes."""
-    results = {}
-    for rank in ranks:
+    + distillation; ``metric`` of each, printed as it goes. ``recipe(rank)``: the
+    ``(calib_options, distill_options)`` of :func:`convert_variants` at that rank (default:
+    ``calibrate(steps=2)``, ``distill(lr=2e-4)`` on the STL parameters). ``jobs > 1`` runs
+    the ranks in that many forked processes; every rank starts from the same random state,
+    so a rank's numbers do not depend on ``jobs`` or on the other ranks."""
+    rng_state = torch.get_rng_state()
+
+    def one_rank(rank: int) -> dict:
+        torch.set_rng_state(rng_state)
         scratch = to_stl(init, rank, row_grouping)
         train(scratch, batches(), loss_fn, steps, lr=3e-3)
         row = {"scratch": metric(scratch)}
+        calib_options, distill_options = recipe(rank) if recipe else ({}, {})
         row.update(convert_variants(dense, rank, row_grouping, calib, distill_batches,
-                                    len(distill_batches), metric, lr=2e-4))
-        results[rank] = row
+                                    len(distill_batches), metric, 2e-4, calib_options,
+                                    distill_options))
         print(f"rank {rank}: " + ", ".join(f"{k}={v:{fmt}}" for k, v in row.items()
                                           if isinstance(v, float)), flush=True)
-    return results
+        return row
+
+    if jobs <= 1:
+        return {rank: one_rank(rank) for rank in ranks}
+    global _RANK_JOB
+    _RANK_JOB = one_rank  # forked workers inherit it; closures do not pickle
+    with multiprocessing.get_context("fork").Pool(min(jobs, len(ranks))) as pool:
+        rows = pool.map(_run_rank_job, ranks, chunksize=1)
+    return dict(zip(ranks, rows))
+
+
+_RANK_JOB: Callable[[int], dict] | None = None
+
+
+def _run_rank_job(rank: int) -> dict:
+    return _RANK_JOB(rank)
 
 
 def report(title: str, metric: str, dense: float, results: dict, path: str, extra: dict

@@ -1,12 +1,18 @@
 """A character-level causal LM on Python's standard library sources: dense vs STL.
 
-    .venv/bin/python examples/char_lm.py [--ranks 16 24 32 40 49] [--steps 1000]
+    .venv/bin/python examples/char_lm.py [--ranks 16 24 32 40 44 48 49] [--steps 1000] [--jobs 7]
 
 Every STL layer uses ``row_grouping="batch"``: a tile's rows are the same position of 4
 different sequences, so no token ever sees another position of its own sequence (with
 "tokens" an inexact basis would leak future characters into the prediction).
 (A) train from scratch with STL; (B) convert the trained dense model: plain encoding,
 + calibration on 8 training batches, + distillation with 10% of the training steps.
+Conversion recipe (tools/char_lm_experiments.py measured it): up to rank 40 the calibration
+restarts every layer from a row-separable basis (no term mixes the 4 sequences of a tile) and
+fits each layer to the dense model's own activations; from rank 44 on the shipped fitted basis
+is kept (it is then more accurate). Distillation trains all parameters (lr 1.2e-2 with the
+row-separable basis, 1e-3 with the fitted one, 10 warmup steps) on the logits' KL plus each
+block's output MSE; rank 49 (exact) keeps the plain STL-only recipe.
 Prints validation perplexity per rank and writes examples/char_lm.json.
 """
 
@@ -19,7 +25,7 @@ import sysconfig
 
 import torch
 import torch.nn.functional as F
-from _common import Block, compare_ranks, parse_args, report, train
+from _common import RANKS, Block, compare_ranks, parse_args, report, train
 from torch import nn
 
 FILES = ("argparse.py", "dataclasses.py", "functools.py", "inspect.py", "typing.py",
@@ -47,8 +53,20 @@ class CharLM(nn.Module):
         return self.head(self.norm(self.blocks(x)))
 
 
+def recipe(rank: int, blocks: list[str], warmup: int) -> tuple[dict, dict]:
+    """(calibrate, distill) keyword arguments of the conversion (B) at ``rank``; ``blocks``:
+    the transformer blocks' names, whose outputs distillation matches too; ``warmup``:
+    distillation warmup steps (10% of them)."""
+    if rank % 4 == 0 and rank <= 40:
+        return ({"basis": "row_separable", "target": "teacher"},
+                {"params": "all", "lr": 1.2e-2, "warmup": warmup, "features": blocks})
+    if rank < 49:
+        return {}, {"params": "all", "lr": 1e-3, "warmup": warmup, "features": blocks}
+    return {}, {}
+
+
 def main() -> None:
-    args = parse_args(__doc__, "examples/char_lm.json")
+    args = parse_args(__doc__, "examples/char_lm.json", RANKS + (44, 48))
     steps = args.steps or 1000
     text = load_text()
     split = int(0.9 * len(text))
@@ -83,11 +101,14 @@ def main() -> None:
     calib = [next(stream)[:, :-1] for _ in range(8)]
     distill_steps = steps // 10
     distill_batches = [next(stream)[:, :-1] for _ in range(distill_steps)]
+    blocks = [f"blocks.{name}" for name, _ in dense.blocks.named_children()]
+    recipes = {rank: recipe(rank, blocks, distill_steps // 10) for rank in args.ranks}
     results = compare_ranks(args.ranks, init, dense, "batch", batches, loss_fn, steps, calib,
-                            distill_batches, perplexity, ".3f")
+                            distill_batches, perplexity, ".3f", recipes.get, args.jobs)
     report("char LM, validation perplexity (row_grouping='batch')", "perplexity", dense_ppl,
            results, args.out, {"steps": steps, "distill_steps": distill_steps,
-                               "seed": args.seed, "files": FILES})
+                               "seed": args.seed, "files": FILES,
+                               "recipe": recipes})
 
 
 if __name__ == "__main__":

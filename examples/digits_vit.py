@@ -70,7 +70,7 @@ def main() -> None:
     stream = batches(args.seed + 1)
     distill_batches = [next(stream)[0] for _ in range(distill_steps)]
     results = compare_ranks(args.ranks, init, dense, "tokens", batches, loss_fn, steps, calib,
-                            distill_batches, accuracy, ".2f")
+                            distill_batches, accuracy, ".2f", jobs=args.jobs)
     report("digits ViT, test accuracy", "accuracy %", dense_acc, results, args.out,
            {"steps": steps, "distill_steps": distill_steps, "seed": args.seed})
 

@@ -4,6 +4,11 @@ Each :class:`~stl_compiler.STLLinear` is fitted, in forward order, to the dense 
 layer it replaced, on its own calibration inputs: the encoded weight in closed form given
 ``ex`` and ``d`` (least squares), then alternating refinement of ``d`` (least squares) and
 ``ex`` (a few gradient steps), keeping the best iterate so a layer never gets worse.
+
+Options for ``row_grouping="batch"`` models (see :func:`calibrate`): ``basis="row_separable"``
+restarts every layer from a basis whose product terms each read and write a single tile row,
+and ``target="teacher"`` fits each layer to the dense model's own activations (correcting the
+error of the layers before it) instead of the dense layer applied to the student's inputs.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from ..runtime.ops import encode
 from ..tiling import group_rows, pad_last2, round_up, to_tiles
 from ._progress import Progress
 
-__all__ = ["calibrate", "CalibrationTable", "run_batch"]
+__all__ = ["calibrate", "CalibrationTable", "row_separable_basis", "run_batch", "BASES", "TARGETS"]
+
+BASES = ("converted", "row_separable")
+TARGETS = ("layer", "teacher")
 
 
 def run_batch(module: nn.Module, batch: object) -> object:
@@ -79,13 +87,15 @@ class _LayerData:
     """Calibration inputs of one layer, arranged in row tiles exactly as its forward does."""
 
     def __init__(self, layer: STLLinear, inputs: list[Tensor], weight: Tensor,
-                 bias: Tensor | None) -> None:
+                 bias: Tensor | None, targets: list[Tensor] | None = None) -> None:
         t = layer.tile
         kp, mp = round_up(layer.in_features, t), round_up(layer.out_features, t)
         self.inputs = inputs
-        self.targets = [torch.nn.functional.linear(x.double(), weight.double(),
-                                                   None if bias is None else bias.double())
-                        for x in inputs]
+        if targets is None:  # the dense layer on the student's inputs
+            targets = [torch.nn.functional.linear(x.double(), weight.double(),
+                                                  None if bias is None else bias.double())
+                       for x in inputs]
+        self.targets = [y.double() for y in targets]
         xt, yt, valid = [], [], []
         own_bias = 0.0 if layer.bias is None else layer.bias.detach().double()
         for x, y in zip(inputs, self.targets):
@@ -166,11 +176,41 @@ def _refine_encoder(layer: STLLinear, data: _LayerData, iters: int, lr: float) -
         layer.ex.copy_(ex)
 
 
+def row_separable_basis(tile: int, rank: int, generator: torch.Generator | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """``(ex, d)``, each ``(rank, t*t)`` float64: ``rank/t`` product terms per tile row, term
+    ``p`` reading and writing only row ``p // (rank/t)`` (``ex[p] = e_a ⊗ u_j``,
+    ``d[p] = e_a ⊗ v_j`` with random unit t-vectors ``u_j, v_j``, the same for every row).
+
+    With ``row_grouping="batch"`` the rows of a tile are unrelated sequences, so any term that
+    reads one row and writes another only adds noise; this basis has none (an output row
+    depends on its own input row only). Its encoded weight must be fitted (:func:`calibrate`).
+    """
+    if rank % tile:
+        raise ValueError(f"a row-separable basis needs the rank to be a multiple of the tile "
+                         f"({tile}), got rank={rank}")
+    per = rank // tile
+    u = torch.randn(per, tile, generator=generator, dtype=torch.float64)
+    v = torch.randn(per, tile, generator=generator, dtype=torch.float64)
+    u, v = u / u.norm(dim=1, keepdim=True), v / v.norm(dim=1, keepdim=True)
+    ex = torch.zeros(rank, tile * tile, dtype=torch.float64)
+    d = torch.zeros(rank, tile * tile, dtype=torch.float64)
+    for a in range(tile):
+        ex[a * per:(a + 1) * per, a * tile:(a + 1) * tile] = u
+        d[a * per:(a + 1) * per, a * tile:(a + 1) * tile] = v
+    return ex, d
+
+
 def _calibrate_layer(name: str, layer: STLLinear, data: _LayerData, steps: int,
-                     bar: Progress) -> tuple[float, float]:
+                     bar: Progress, restart: tuple[Tensor, Tensor] | None = None
+                     ) -> tuple[float, float]:
     before = _rel_error(layer, data)
     t = layer.tile
     best = (before, [p.detach().clone() for p in (layer.weight_encoded, layer.ex, layer.d)])
+    if restart is not None:  # new ex, d; the weight is solved below (the original stays best
+        with torch.no_grad():  # candidate, so the layer still never gets worse)
+            layer.ex.copy_(restart[0])
+            layer.d.copy_(restart[1])
     scale = max(float(layer.ex.detach().abs().mean()), 1e-6)
     for _ in range(max(steps, 1)):
         with torch.no_grad():
@@ -197,7 +237,9 @@ def _calibrate_layer(name: str, layer: STLLinear, data: _LayerData, steps: int,
 
 
 def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
-              teacher: nn.Module | None = None, progress: bool = True) -> CalibrationTable:
+              teacher: nn.Module | None = None, target: str = "layer",
+              basis: str = "converted", seed: int = 0, progress: bool = True
+              ) -> CalibrationTable:
     """Fit every STL layer of ``module`` to the dense layer it replaced, on real inputs.
 
     Layers are calibrated one at a time in forward order, each on the inputs it receives
@@ -216,6 +258,17 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
         teacher: the dense model; the target of layer ``name`` is ``teacher.<name>``, an
             ``nn.Linear``. Without it each layer needs its ``reference_weight`` buffer
             (``from_linear(..., keep_reference=True)``).
+        target: what layer ``name`` is fitted to. ``"layer"``: the dense layer applied to the
+            layer's own (student) inputs. ``"teacher"`` (needs ``teacher``): the output of
+            ``teacher.<name>`` in the teacher's own forward pass on the same batch, so each
+            layer also compensates the error of the calibrated layers before it. The table's
+            errors are then relative to that target.
+        basis: ``"converted"``: start from the layer's own ``ex`` / ``d``. ``"row_separable"``:
+            restart every layer from :func:`row_separable_basis` (rank a multiple of the
+            tile), made for ``row_grouping="batch"``, where the rows of a tile are unrelated
+            sequences and a general basis's cross-row terms are pure noise; the layer as
+            converted stays the best candidate until an iterate beats it.
+        seed: seeds the random vectors of ``basis="row_separable"``.
         progress: show a progress bar per layer on stderr.
 
     Returns:
@@ -225,17 +278,33 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    if target == "teacher" and teacher is None:
+        raise ValueError("target='teacher' fits each layer to the teacher's activations: pass "
+                         "teacher=<the dense model>")
     layers = [(n, m) for n, m in module.named_modules() if isinstance(m, STLLinear)]
     if not layers:
         raise ValueError("module has no STLLinear layer to calibrate; convert it first "
                          "(stl_compiler.swap_linears_)")
+    if basis == "row_separable":
+        bad = sorted({(m.tile, m.rank) for _, m in layers if m.rank % m.tile})
+        if bad:
+            raise ValueError(f"basis='row_separable' needs every layer's rank to be a "
+                             f"multiple of its tile; got (tile, rank) {bad}")
+    generator = torch.Generator().manual_seed(seed)
     refs = {name: _reference(name, layer, teacher) for name, layer in layers}
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: calibration needs at least one input batch")
     rows = []
     was_training = module.training
+    teacher_training = None if teacher is None else teacher.training
     module.eval()
+    if teacher is not None:
+        teacher.eval()
     try:
         for name, layer in _forward_order(module, layers, batches):
             inputs = _capture(module, layer, batches)
@@ -243,20 +312,31 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
                 rows.append({"layer": name, "rank": layer.rank, "error_before": None,
                              "error_after": None})
                 continue
-            data = _LayerData(layer, inputs, *refs[name])
+            targets = None
+            if target == "teacher":
+                targets = _capture(teacher, teacher.get_submodule(name), batches, output=True)
+            restart = None
+            if basis == "row_separable":
+                restart = row_separable_basis(layer.tile, layer.rank, generator)
+            data = _LayerData(layer, inputs, *refs[name], targets=targets)
             bar = Progress(max(steps, 1), f"calibrate {name}", progress)
-            before, after = _calibrate_layer(name, layer, data, steps, bar)
+            before, after = _calibrate_layer(name, layer, data, steps, bar, restart)
             bar.close()
             rows.append({"layer": name, "rank": layer.rank, "error_before": before,
                          "error_after": after})
     finally:
         module.train(was_training)
+        if teacher is not None:
+            teacher.train(teacher_training)
     return CalibrationTable(rows)
 
 
-def _capture(module: nn.Module, layer: STLLinear, batches: list) -> list[Tensor]:
+def _capture(module: nn.Module, layer: nn.Module, batches: list, output: bool = False
+             ) -> list[Tensor]:
+    """The inputs (or outputs) of ``layer`` while ``module`` runs every batch."""
     inputs: list[Tensor] = []
-    hook = layer.register_forward_hook(lambda _m, args, _o: inputs.append(args[0].detach()))
+    hook = layer.register_forward_hook(
+        lambda _m, args, out: inputs.append((out if output else args[0]).detach()))
     try:
         with torch.no_grad():
             for batch in batches:

@@ -1,0 +1,356 @@
+"""Experiments: how close can a converted char LM get to dense at rank 24 (row_grouping="batch")?
+
+    .venv/bin/python tools/char_lm_experiments.py VARIANT [VARIANT ...] [--rank 24]
+
+Trains examples/char_lm.py's dense CharLM once (same seed, data and recipe as the example;
+cached in /tmp/char_lm_dense.pt), converts it at ``--rank`` with row_grouping="batch",
+calibrates (cached per calibration recipe in /tmp) and distils with the variant's recipe.
+Prints and appends one JSON line per variant to /tmp/char_lm_experiments.jsonl.
+Calibration uses the example's 8 calibration batches; distillation uses at most ``steps``
+optimizer steps of batch 32 (the example's 100 distillation batches unless "fresh").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from _common import to_stl, train  # noqa: E402
+from char_lm import BATCH, CONTEXT, VOCAB, CharLM, load_text  # noqa: E402
+
+from stl_compiler.fit import calibrate, distill  # noqa: E402
+from stl_compiler.fit._progress import Progress  # noqa: E402
+from stl_compiler.fit.calibrate import (  # noqa: E402
+    _calibrate_layer,
+    _capture,
+    _forward_order,
+    _LayerData,
+)
+from stl_compiler.nn import STLLinear  # noqa: E402
+from stl_compiler.tiling import group_rows, pad_last2, round_up, to_tiles  # noqa: E402
+
+SEED, STEPS = 0, 1000
+DENSE_PATH = "/tmp/char_lm_dense.pt"
+LOG = "/tmp/char_lm_experiments.jsonl"
+
+text = load_text()
+split = int(0.9 * len(text))
+train_text, val_text = text[:split], text[split:]
+
+
+def batches(seed: int = SEED):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        start = torch.randint(len(train_text) - CONTEXT - 1, (BATCH,), generator=gen)
+        yield torch.stack([train_text[s:s + CONTEXT + 1] for s in start.tolist()])
+
+
+def loss_fn(model, batch):
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+
+starts = torch.arange(0, len(val_text) - CONTEXT - 1, CONTEXT)[: 32 * BATCH]
+val = torch.stack([val_text[s:s + CONTEXT + 1] for s in starts.tolist()]).split(BATCH)
+
+
+@torch.no_grad()
+def perplexity(model):
+    model.eval()
+    return math.exp(sum(float(loss_fn(model, b)) for b in val) / len(val))
+
+
+def dense_model() -> CharLM:
+    torch.manual_seed(SEED)
+    init = CharLM()
+    dense = copy.deepcopy(init)
+    if os.path.exists(DENSE_PATH):
+        dense.load_state_dict(torch.load(DENSE_PATH))
+    else:
+        seconds = train(dense, batches(), loss_fn, STEPS, lr=3e-3)
+        torch.save(dense.state_dict(), DENSE_PATH)
+        print(f"trained dense in {seconds:.0f}s", flush=True)
+    dense.eval()
+    return dense
+
+
+# the example's data: 8 calibration batches, then 100 distillation batches, same stream
+_stream = batches(SEED + 1)
+CALIB = [next(_stream)[:, :-1] for _ in range(8)]
+DISTILL = [next(_stream)[:, :-1] for _ in range(100)]
+
+
+# ----------------------------------------------------------------------------- calibration
+def _layer_data_with_targets(layer: STLLinear, inputs, targets) -> _LayerData:
+    """calibrate's _LayerData, but with given output targets (not a dense layer's output)."""
+    data = _LayerData.__new__(_LayerData)
+    t = layer.tile
+    kp, mp = round_up(layer.in_features, t), round_up(layer.out_features, t)
+    data.inputs, data.targets = inputs, [y.double() for y in targets]
+    xt, yt, valid = [], [], []
+    own_bias = 0.0 if layer.bias is None else layer.bias.detach().double()
+    for x, y in zip(inputs, data.targets):
+        rows, target = (group_rows(v, layer.row_grouping) for v in (x.double(), y - own_bias))
+        n = rows.shape[-2]
+        npad = round_up(n, t)
+        xt.append(pad_last2(rows, npad, kp).reshape(-1, npad, kp))
+        yt.append(to_tiles(pad_last2(target, npad, mp), t).reshape(-1, mp // t, t * t))
+        counts = (n - torch.arange(0, npad, t)).clamp(max=t)
+        valid.append(counts.repeat(xt[-1].shape[0]))
+    data.x_rows, data.y_tiles, data.valid = xt, torch.cat(yt), torch.cat(valid)
+    data.mask = (torch.arange(t * t) // t)[None, :] < data.valid[:, None]
+    return data
+
+
+def _capture_out(model, name, batches_):
+    outs = []
+    hook = model.get_submodule(name).register_forward_hook(
+        lambda _m, _a, o: outs.append(o.detach()))
+    with torch.no_grad():
+        for b in batches_:
+            model(b)
+    hook.remove()
+    return outs
+
+
+def _capture_in(model, name, batches_):
+    ins = []
+    hook = model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, a: ins.append(a[0].detach()))
+    with torch.no_grad():
+        for b in batches_:
+            model(b)
+    hook.remove()
+    return ins
+
+
+def calibrate_to_teacher(student, teacher, batches_, steps, residual: bool):
+    """Sequential error-correcting calibration: layer ``name`` of the student, on its own
+    inputs, is fitted to the *teacher's* output of that layer on the teacher's inputs.
+    ``residual``: for proj / fc2 (which add into the residual stream), the target also
+    corrects the residual-stream error accumulated so far:
+    teacher_out + (teacher_stream - student_stream)."""
+    layers = [(n, m) for n, m in student.named_modules() if isinstance(m, STLLinear)]
+    rows = []
+    for name, layer in _forward_order(student, layers, batches_):
+        inputs = _capture(student, layer, batches_)
+        targets = _capture_out(teacher, name, batches_)
+        if residual and name.endswith((".proj", ".fc2")):
+            block = name.rsplit(".", 1)[0]
+            s_in = _capture_in(student, block, batches_)
+            t_in = _capture_in(teacher, block, batches_)
+            if name.endswith(".fc2"):
+                proj = block + ".proj"
+                s_in = [a + b for a, b in zip(s_in, _capture_out(student, proj, batches_))]
+                t_in = [a + b for a, b in zip(t_in, _capture_out(teacher, proj, batches_))]
+            targets = [y + ti - si for y, ti, si in zip(targets, t_in, s_in)]
+        data = _layer_data_with_targets(layer, inputs, targets)
+        bar = Progress(max(steps, 1), f"calibrate {name}", False)
+        before, after = _calibrate_layer(name, layer, data, steps, bar)
+        rows.append({"layer": name, "error_before": before, "error_after": after})
+    return rows
+
+
+def row_separable_basis_(student, seed=0):
+    """Replace every layer's ex/d by a row-separable basis (term p reads and writes one tile
+    row: r/4 terms per row, the same random 4-vectors u_j, v_j for every row) and re-solve
+    the encoded weight later by calibration."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in student.modules():
+        if isinstance(m, STLLinear):
+            t, r = m.tile, m.rank
+            per = r // t
+            u = torch.randn(per, t, generator=gen, dtype=torch.float64)
+            v = torch.randn(per, t, generator=gen, dtype=torch.float64)
+            ex = torch.zeros(r, t * t, dtype=torch.float64)
+            d = torch.zeros(r, t * t, dtype=torch.float64)
+            for a in range(t):
+                for j in range(per):
+                    ex[a * per + j, a * t:(a + 1) * t] = u[j] / u[j].norm()
+                    d[a * per + j, a * t:(a + 1) * t] = v[j] / v[j].norm()
+            with torch.no_grad():
+                m.ex.copy_(ex)
+                m.d.copy_(d)
+                m.weight_encoded.zero_()
+
+
+def calibrated(dense, rank, recipe: str):
+    """Converted + calibrated student for ``recipe`` (cached in /tmp)."""
+    path = f"/tmp/char_lm_calib_r{rank}_{recipe}.pt"
+    student = to_stl(dense, rank, "batch", keep_reference=True)
+    if os.path.exists(path):
+        student.load_state_dict(torch.load(path))
+        return student, None
+    start = time.perf_counter()
+    kind, _, arg = recipe.partition("-")
+    if recipe == "plain":
+        info = None
+    elif kind == "base":            # the example: calibrate(steps=2) on 8 batches
+        info = calibrate(student, CALIB, steps=int(arg or 2), progress=False).rows
+    elif kind == "teacher":          # error-correcting, targets = teacher layer outputs
+        info = calibrate_to_teacher(student, dense, CALIB, int(arg or 2), residual=False)
+    elif kind == "resid":            # error-correcting incl. residual stream
+        info = calibrate_to_teacher(student, dense, CALIB, int(arg or 2), residual=True)
+    elif kind == "rowsep":           # row-separable basis + the example's calibration
+        row_separable_basis_(student)
+        info = calibrate(student, CALIB, steps=int(arg or 2), progress=False).rows
+    elif kind == "pkg":              # the package: row-separable basis + teacher targets
+        info = calibrate(student, CALIB, steps=int(arg or 2), teacher=dense, target="teacher",
+                         basis="row_separable", progress=False).rows
+    elif kind == "pkgseed":          # as "pkg" (2 rounds), another seed of the random basis
+        info = calibrate(student, CALIB, steps=2, teacher=dense, target="teacher",
+                         basis="row_separable", seed=int(arg), progress=False).rows
+    elif kind == "pkglayer":         # the package: row-separable basis, dense-layer targets
+        info = calibrate(student, CALIB, steps=int(arg or 2), basis="row_separable",
+                         progress=False).rows
+    elif kind == "rowsepteacher":
+        row_separable_basis_(student)
+        info = calibrate_to_teacher(student, dense, CALIB, int(arg or 2), residual=False)
+    elif kind == "rowsepresid":
+        row_separable_basis_(student)
+        info = calibrate_to_teacher(student, dense, CALIB, int(arg or 2), residual=True)
+    else:
+        raise ValueError(recipe)
+    print(f"calibration {recipe}: {time.perf_counter() - start:.0f}s", flush=True)
+    torch.save(student.state_dict(), path)
+    return student, info
+
+
+# ---------------------------------------------------------------------------- distillation
+def distill_custom(student, teacher, steps, lr, params="stl", warmup=0, feat=0.0,
+                   fresh=False, ce=0.0, wd=0.0, mask=False, olr=1.0):
+    """KL(teacher ‖ student) on logits (+ ``feat`` × MSE of every block's output, normalized
+    by the teacher's mean square) (+ ``ce`` × next-char cross-entropy), Adam(W), linear
+    warmup then cosine to lr/20. ``params``: "stl" (STL layers only) or "all"."""
+    if params == "stl":
+        ps = [p for m in student.modules() if isinstance(m, STLLinear) for p in m.parameters()]
+    else:
+        ps = list(student.parameters())
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in ps:
+        p.requires_grad_(True)
+    stl_ids = {id(p) for m in student.modules() if isinstance(m, STLLinear)
+               for p in m.parameters()}
+    groups = [{"params": [p for p in ps if id(p) in stl_ids], "lr": lr},
+              {"params": [p for p in ps if id(p) not in stl_ids], "lr": lr * olr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=wd)
+
+    def factor(i):
+        if i < warmup:
+            return (i + 1) / warmup
+        prog = (i - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    masks = []
+    if mask:   # keep ex / d row-separable: term p reads / writes only tile row p // (r/t)
+        for m in student.modules():
+            if isinstance(m, STLLinear):
+                t, r = m.tile, m.rank
+                keep = (torch.arange(r)[:, None] // (r // t)) == (torch.arange(t * t)[None] // t)
+                masks += [(m.ex, keep.to(m.ex.dtype)), (m.d, keep.to(m.d.dtype))]
+        with torch.no_grad():
+            for p, k in masks:
+                p.mul_(k)
+    feats_s, feats_t = [], []
+    hooks = []
+    if feat:
+        for blk in student.blocks:
+            hooks.append(blk.register_forward_hook(lambda _m, _a, o: feats_s.append(o)))
+        for blk in teacher.blocks:
+            hooks.append(blk.register_forward_hook(lambda _m, _a, o: feats_t.append(o)))
+    stream = batches(SEED + 7)
+    student.train()
+    for i in range(steps):
+        full = next(stream) if fresh else None
+        batch = full[:, :-1] if fresh else DISTILL[i % len(DISTILL)]
+        feats_s.clear()
+        feats_t.clear()
+        with torch.no_grad():
+            target = teacher(batch)
+        out = student(batch)
+        loss = F.kl_div(F.log_softmax(out, -1).reshape(-1, VOCAB),
+                        F.log_softmax(target, -1).reshape(-1, VOCAB), log_target=True,
+                        reduction="batchmean")
+        if feat:
+            loss = loss + feat * sum(F.mse_loss(a, b) / b.square().mean()
+                                     for a, b in zip(feats_s, feats_t))
+        if ce:
+            loss = loss + ce * F.cross_entropy(out.reshape(-1, VOCAB), full[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for p, k in masks:
+                p.mul_(k)
+    for h in hooks:
+        h.remove()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.eval()
+
+
+# ------------------------------------------------------------------------------ variants
+def parse_variant(spec: str) -> dict:
+    """``calib=base,steps=100,lr=2e-4,params=stl,warmup=0,feat=0,fresh=0,ce=0``"""
+    out = {"calib": "base", "steps": 100, "lr": 2e-4, "params": "stl", "warmup": 0,
+           "feat": 0.0, "fresh": 0, "ce": 0.0, "wd": 0.0, "mask": 0, "impl": "script", "olr": 1.0}
+    for item in spec.split(","):
+        if item:
+            key, value = item.split("=")
+            out[key] = type(out[key])(value) if key not in ("lr", "feat", "ce", "wd", "olr") \
+                else float(value)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("variants", nargs="+")
+    parser.add_argument("--rank", type=int, default=24)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dense = dense_model()
+    dense_ppl = perplexity(dense)
+    print(f"dense perplexity {dense_ppl:.3f}", flush=True)
+    for spec in args.variants:
+        v = parse_variant(spec)
+        start = time.perf_counter()
+        student, info = calibrated(dense, args.rank, v["calib"])
+        calib_ppl = perplexity(student)
+        if v["steps"] > 0 and v["impl"] == "pkg":
+            distill(student, dense, DISTILL[:v["steps"]], steps=v["steps"], lr=v["lr"],
+                    params=v["params"], warmup=v["warmup"], progress=False,
+                    features=["blocks.0", "blocks.1"] if v["feat"] else [],
+                    feature_weight=v["feat"] or 1.0)
+        elif v["steps"] > 0:
+            distill_custom(student, dense, v["steps"], v["lr"], v["params"], v["warmup"],
+                           v["feat"], bool(v["fresh"]), v["ce"], v["wd"], bool(v["mask"]), v["olr"])
+        ppl = perplexity(student)
+        row = {"rank": args.rank, "variant": spec, **v, "dense": dense_ppl,
+               "calibrated": calib_ppl, "distilled": ppl, "ratio": ppl / dense_ppl,
+               "seconds": time.perf_counter() - start}
+        if info is not None:
+            row["calibration"] = [(r["layer"], r["error_before"], r["error_after"])
+                                  for r in info]
+        print(json.dumps({k: val for k, val in row.items() if k != "calibration"}),
+              flush=True)
+        if info is not None:
+            print("  calib errors:", ", ".join(f"{n}:{b:.3f}->{a:.3f}" for n, b, a in
+                                              row["calibration"] if b is not None))
+        with open(LOG, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
