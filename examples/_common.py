@@ -47,6 +47,7 @@ def parse_args(doc: str, out: str, ranks: tuple[int, ...] = RANKS) -> argparse.N
     parser.add_argument("--jobs", type=int, default=1,
                         help="ranks run in parallel processes (one thread each)")
     args = parser.parse_args()
+    args.ranks = sorted(set(args.ranks))
     torch.set_num_threads(1)
     return args
 

@@ -66,7 +66,7 @@ def recipe(rank: int, blocks: list[str], warmup: int) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    args = parse_args(__doc__, "examples/char_lm.json", RANKS + (44, 48))
+    args = parse_args(__doc__, "examples/char_lm.json", (*RANKS, 44, 48))
     steps = args.steps or 1000
     text = load_text()
     split = int(0.9 * len(text))

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from _common import to_stl, train  # noqa: E402
 from char_lm import BATCH, CONTEXT, VOCAB, CharLM, load_text  # noqa: E402
 
-from stl_compiler.fit import calibrate, distill  # noqa: E402
+from stl_compiler.fit import calibrate, distill, row_separable_basis  # noqa: E402
 from stl_compiler.fit._progress import Progress  # noqa: E402
 from stl_compiler.fit.calibrate import (  # noqa: E402
     _calibrate_layer,
@@ -36,8 +36,27 @@ from stl_compiler.fit.calibrate import (  # noqa: E402
     _LayerData,
 )
 from stl_compiler.nn import STLLinear  # noqa: E402
-from stl_compiler.tiling import group_rows, pad_last2, round_up, to_tiles  # noqa: E402
 
+VARIANTS = """variant keys (default in brackets):
+  calib=[base]-N   calibration, N rounds (cached in /tmp/char_lm_calib_r{R}_{calib}.pt):
+                   base: calibrate(steps=N) (the previous example); teacher: each layer fitted
+                   to the dense model's activation of that layer; resid: teacher, and proj/fc2
+                   also correct the residual stream's error; rowsep: row-separable basis +
+                   base; rowsepteacher / rowsepresid: row-separable + teacher / resid;
+                   pkg: calibrate(target="teacher", basis="row_separable") (the example's
+                   recipe); pkgseed-S: pkg with basis seed S; pkglayer: row-separable only
+  steps=[100]      distillation steps (0: none)
+  lr=[2e-4]        peak learning rate (linear warmup, cosine to lr/20)
+  params=[stl]|all STL layers' parameters only, or all parameters
+  warmup=[0]       warmup steps
+  feat=[0]         weight of the block-output MSE (normalized by the teacher's mean square)
+  fresh=[0]        1: fresh training batches instead of the example's 100
+  ce=[0], wd=[0]   weight of the next-char cross-entropy; AdamW weight decay
+  mask=[0]         1: keep ex / d row-separable during distillation
+  olr=[1]          learning-rate factor of the non-STL parameters
+  impl=[script]|pkg  distillation loop: this script's or stl_compiler.fit.distill
+example: calib=pkg-2,params=all,lr=1.2e-2,warmup=10,feat=1   (the example's r=24 recipe)
+"""
 SEED, STEPS = 0, 1000
 DENSE_PATH = "/tmp/char_lm_dense.pt"
 LOG = "/tmp/char_lm_experiments.jsonl"
@@ -90,27 +109,6 @@ DISTILL = [next(_stream)[:, :-1] for _ in range(100)]
 
 
 # ----------------------------------------------------------------------------- calibration
-def _layer_data_with_targets(layer: STLLinear, inputs, targets) -> _LayerData:
-    """calibrate's _LayerData, but with given output targets (not a dense layer's output)."""
-    data = _LayerData.__new__(_LayerData)
-    t = layer.tile
-    kp, mp = round_up(layer.in_features, t), round_up(layer.out_features, t)
-    data.inputs, data.targets = inputs, [y.double() for y in targets]
-    xt, yt, valid = [], [], []
-    own_bias = 0.0 if layer.bias is None else layer.bias.detach().double()
-    for x, y in zip(inputs, data.targets):
-        rows, target = (group_rows(v, layer.row_grouping) for v in (x.double(), y - own_bias))
-        n = rows.shape[-2]
-        npad = round_up(n, t)
-        xt.append(pad_last2(rows, npad, kp).reshape(-1, npad, kp))
-        yt.append(to_tiles(pad_last2(target, npad, mp), t).reshape(-1, mp // t, t * t))
-        counts = (n - torch.arange(0, npad, t)).clamp(max=t)
-        valid.append(counts.repeat(xt[-1].shape[0]))
-    data.x_rows, data.y_tiles, data.valid = xt, torch.cat(yt), torch.cat(valid)
-    data.mask = (torch.arange(t * t) // t)[None, :] < data.valid[:, None]
-    return data
-
-
 def _capture_out(model, name, batches_):
     outs = []
     hook = model.get_submodule(name).register_forward_hook(
@@ -153,7 +151,8 @@ def calibrate_to_teacher(student, teacher, batches_, steps, residual: bool):
                 s_in = [a + b for a, b in zip(s_in, _capture_out(student, proj, batches_))]
                 t_in = [a + b for a, b in zip(t_in, _capture_out(teacher, proj, batches_))]
             targets = [y + ti - si for y, ti, si in zip(targets, t_in, s_in)]
-        data = _layer_data_with_targets(layer, inputs, targets)
+        ref = teacher.get_submodule(name)
+        data = _LayerData(layer, inputs, ref.weight, ref.bias, targets=targets)
         bar = Progress(max(steps, 1), f"calibrate {name}", False)
         before, after = _calibrate_layer(name, layer, data, steps, bar)
         rows.append({"layer": name, "error_before": before, "error_after": after})
@@ -161,22 +160,12 @@ def calibrate_to_teacher(student, teacher, batches_, steps, residual: bool):
 
 
 def row_separable_basis_(student, seed=0):
-    """Replace every layer's ex/d by a row-separable basis (term p reads and writes one tile
-    row: r/4 terms per row, the same random 4-vectors u_j, v_j for every row) and re-solve
-    the encoded weight later by calibration."""
+    """Restart every layer from :func:`row_separable_basis` (its weight is re-solved later by
+    calibration)."""
     gen = torch.Generator().manual_seed(seed)
     for m in student.modules():
         if isinstance(m, STLLinear):
-            t, r = m.tile, m.rank
-            per = r // t
-            u = torch.randn(per, t, generator=gen, dtype=torch.float64)
-            v = torch.randn(per, t, generator=gen, dtype=torch.float64)
-            ex = torch.zeros(r, t * t, dtype=torch.float64)
-            d = torch.zeros(r, t * t, dtype=torch.float64)
-            for a in range(t):
-                for j in range(per):
-                    ex[a * per + j, a * t:(a + 1) * t] = u[j] / u[j].norm()
-                    d[a * per + j, a * t:(a + 1) * t] = v[j] / v[j].norm()
+            ex, d = row_separable_basis(m.tile, m.rank, gen)
             with torch.no_grad():
                 m.ex.copy_(ex)
                 m.d.copy_(d)
@@ -315,8 +304,10 @@ def parse_variant(spec: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("variants", nargs="+")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=VARIANTS)
+    parser.add_argument("variants", nargs="+", help="comma-separated key=value lists")
     parser.add_argument("--rank", type=int, default=24)
     args = parser.parse_args()
     torch.set_num_threads(1)
