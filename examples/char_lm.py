@@ -22,6 +22,7 @@ import copy
 import math
 import os
 import sysconfig
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,46 +66,66 @@ def recipe(rank: int, blocks: list[str], warmup: int) -> tuple[dict, dict]:
     return {}, {}
 
 
+def split_text() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 90% of :func:`load_text` for training, the rest for validation."""
+    text = load_text()
+    split = int(0.9 * len(text))
+    return text[:split], text[split:]
+
+
+def batches(train_text: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
+    """Random training windows of ``CONTEXT + 1`` characters, ``BATCH`` at a time."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        start = torch.randint(len(train_text) - CONTEXT - 1, (BATCH,), generator=gen)
+        yield torch.stack([train_text[s:s + CONTEXT + 1] for s in start.tolist()])
+
+
+def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-character cross-entropy."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+
+def validation_batches(val_text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """32 batches of consecutive, non-overlapping validation windows."""
+    starts = torch.arange(0, len(val_text) - CONTEXT - 1, CONTEXT)[: 32 * BATCH]
+    return torch.stack([val_text[s:s + CONTEXT + 1] for s in starts.tolist()]).split(BATCH)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, val: tuple[torch.Tensor, ...]) -> float:
+    model.eval()
+    return math.exp(sum(float(loss_fn(model, b)) for b in val) / len(val))
+
+
 def main() -> None:
     args = parse_args(__doc__, "examples/char_lm.json", (*RANKS, 44, 48))
     steps = args.steps or 1000
-    text = load_text()
-    split = int(0.9 * len(text))
-    train_text, val_text = text[:split], text[split:]
+    train_text, val_text = split_text()
+    val = validation_batches(val_text)
 
-    def batches(seed: int = args.seed):
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            start = torch.randint(len(train_text) - CONTEXT - 1, (BATCH,), generator=gen)
-            yield torch.stack([train_text[s:s + CONTEXT + 1] for s in start.tolist()])
+    def train_batches(seed: int = args.seed) -> Iterator[torch.Tensor]:
+        return batches(train_text, seed)
 
-    def loss_fn(model, batch):
-        logits = model(batch[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-
-    starts = torch.arange(0, len(val_text) - CONTEXT - 1, CONTEXT)[: 32 * BATCH]
-    val = torch.stack([val_text[s:s + CONTEXT + 1] for s in starts.tolist()]).split(BATCH)
-
-    @torch.no_grad()
-    def perplexity(model):
-        model.eval()
-        return math.exp(sum(float(loss_fn(model, b)) for b in val) / len(val))
+    def metric(model: nn.Module) -> float:
+        return perplexity(model, val)
 
     torch.manual_seed(args.seed)
     init = CharLM()
     dense = copy.deepcopy(init)
-    seconds = train(dense, batches(), loss_fn, steps, lr=3e-3)
-    dense_ppl = perplexity(dense)
+    seconds = train(dense, train_batches(), loss_fn, steps, lr=3e-3)
+    dense_ppl = metric(dense)
     print(f"dense: perplexity {dense_ppl:.3f} ({seconds:.0f}s, {steps} steps, "
           f"{len(train_text)} train / {len(val_text)} val chars)", flush=True)
-    stream = batches(args.seed + 1)
+    stream = train_batches(args.seed + 1)
     calib = [next(stream)[:, :-1] for _ in range(8)]
     distill_steps = steps // 10
     distill_batches = [next(stream)[:, :-1] for _ in range(distill_steps)]
     blocks = [f"blocks.{name}" for name, _ in dense.blocks.named_children()]
     recipes = {rank: recipe(rank, blocks, distill_steps // 10) for rank in args.ranks}
-    results = compare_ranks(args.ranks, init, dense, "batch", batches, loss_fn, steps, calib,
-                            distill_batches, perplexity, ".3f", recipes.get, args.jobs)
+    results = compare_ranks(args.ranks, init, dense, "batch", train_batches, loss_fn, steps,
+                            calib, distill_batches, metric, ".3f", recipes.get, args.jobs)
     report("char LM, validation perplexity (row_grouping='batch')", "perplexity", dense_ppl,
            results, args.out, {"steps": steps, "distill_steps": distill_steps,
                                "seed": args.seed, "files": FILES,

@@ -25,7 +25,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from _common import to_stl, train  # noqa: E402
-from char_lm import BATCH, CONTEXT, VOCAB, CharLM, load_text  # noqa: E402
+from char_lm import (  # noqa: E402
+    VOCAB,
+    CharLM,
+    batches,
+    loss_fn,
+    split_text,
+    validation_batches,
+)
+from char_lm import perplexity as char_perplexity  # noqa: E402
 
 from stl_compiler.fit import calibrate, distill, row_separable_basis  # noqa: E402
 from stl_compiler.fit._progress import Progress  # noqa: E402
@@ -61,31 +69,12 @@ SEED, STEPS = 0, 1000
 DENSE_PATH = "/tmp/char_lm_dense.pt"
 LOG = "/tmp/char_lm_experiments.jsonl"
 
-text = load_text()
-split = int(0.9 * len(text))
-train_text, val_text = text[:split], text[split:]
+train_text, val_text = split_text()
+VAL = validation_batches(val_text)
 
 
-def batches(seed: int = SEED):
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        start = torch.randint(len(train_text) - CONTEXT - 1, (BATCH,), generator=gen)
-        yield torch.stack([train_text[s:s + CONTEXT + 1] for s in start.tolist()])
-
-
-def loss_fn(model, batch):
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-
-
-starts = torch.arange(0, len(val_text) - CONTEXT - 1, CONTEXT)[: 32 * BATCH]
-val = torch.stack([val_text[s:s + CONTEXT + 1] for s in starts.tolist()]).split(BATCH)
-
-
-@torch.no_grad()
 def perplexity(model):
-    model.eval()
-    return math.exp(sum(float(loss_fn(model, b)) for b in val) / len(val))
+    return char_perplexity(model, VAL)
 
 
 def dense_model() -> CharLM:
@@ -95,7 +84,7 @@ def dense_model() -> CharLM:
     if os.path.exists(DENSE_PATH):
         dense.load_state_dict(torch.load(DENSE_PATH))
     else:
-        seconds = train(dense, batches(), loss_fn, STEPS, lr=3e-3)
+        seconds = train(dense, batches(train_text, SEED), loss_fn, STEPS, lr=3e-3)
         torch.save(dense.state_dict(), DENSE_PATH)
         print(f"trained dense in {seconds:.0f}s", flush=True)
     dense.eval()
@@ -103,7 +92,7 @@ def dense_model() -> CharLM:
 
 
 # the example's data: 8 calibration batches, then 100 distillation batches, same stream
-_stream = batches(SEED + 1)
+_stream = batches(train_text, SEED + 1)
 CALIB = [next(_stream)[:, :-1] for _ in range(8)]
 DISTILL = [next(_stream)[:, :-1] for _ in range(100)]
 
@@ -258,7 +247,7 @@ def distill_custom(student, teacher, steps, lr, params="stl", warmup=0, feat=0.0
             hooks.append(blk.register_forward_hook(lambda _m, _a, o: feats_s.append(o)))
         for blk in teacher.blocks:
             hooks.append(blk.register_forward_hook(lambda _m, _a, o: feats_t.append(o)))
-    stream = batches(SEED + 7)
+    stream = batches(train_text, SEED + 7)
     student.train()
     for i in range(steps):
         full = next(stream) if fresh else None
