@@ -658,12 +658,15 @@ def _block_rows_cols(bi, jb, T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr
 
 
 @triton.jit
-def _masked_scores(enc, d, mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2, sm_n,
-                   sm_k, T: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+def _masked_scores(enc_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j, d,
+                   mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2, sm_n, sm_k,
+                   T: tl.constexpr, RP: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """Scores of block (bi, jb) as fp32 ``(BI*BJ, t*t)`` tile vectors, rounded as the unfused
-    ops round (decode, then the scale, then an additive mask, in the dtype); -inf where a mask
-    drops a key and past the last key column (padding)."""
+    """Loads encoded block ``blk`` = (b, bi, jb) and returns its scores as fp32 ``(BI*BJ, t*t)``
+    tile vectors, rounded as the unfused ops round (decode, then the scale, then an additive
+    mask, in the dtype); -inf where a mask drops a key and past the last key column."""
+    enc = _load_encoded(enc_ptr, blk, n_blocks, n_bi, n_bj, R, AT, CT, se_p, se_b, se_i, se_j,
+                        RP, BI, BJ)
     dtype = enc.dtype
     s = _round(_dot(enc, d, IEEE), dtype).to(tl.float32)
     s = _round(s * scale, dtype).to(tl.float32)
@@ -705,10 +708,9 @@ def _decode_softmax_encode_kernel(enc_ptr, d_ptr, mask_ptr, ex_ptr, out_ptr, R, 
     run_sum = tl.full((BI * BJ, T * T), 0.0, tl.float32)
     jb = 0
     while jb < n_bj:
-        enc = _load_encoded(enc_ptr, group * n_bj + jb, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
-                            se_b, se_i, se_j, RP, BI, BJ)
-        s = _masked_scores(enc, d, mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2,
-                           sm_n, sm_k, T, BI, BJ, MASK, CAUSAL, IEEE)
+        s = _masked_scores(enc_ptr, group * n_bj + jb, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
+                           se_b, se_i, se_j, d, mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2,
+                           sm_b1, sm_b2, sm_n, sm_k, T, RP, BI, BJ, MASK, CAUSAL, IEEE)
         new_max = tl.maximum(run_max, s)
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # all -inf so far: no NaN
         run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(s - safe)
@@ -720,10 +722,9 @@ def _decode_softmax_encode_kernel(enc_ptr, d_ptr, mask_ptr, ex_ptr, out_ptr, R, 
     row_sum = _per_row(run_sum * tl.exp(run_max - safe), 0, T, BI, BJ)
     jb = 0
     while jb < n_bj:
-        enc = _load_encoded(enc_ptr, group * n_bj + jb, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
-                            se_b, se_i, se_j, RP, BI, BJ)
-        s = _masked_scores(enc, d, mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2, sm_b1, sm_b2,
-                           sm_n, sm_k, T, BI, BJ, MASK, CAUSAL, IEEE)
+        s = _masked_scores(enc_ptr, group * n_bj + jb, n_blocks, n_bi, n_bj, R, AT, CT, se_p,
+                           se_b, se_i, se_j, d, mask_ptr, b, bi, jb, scale, ROWS, COLS, NB2,
+                           sm_b1, sm_b2, sm_n, sm_k, T, RP, BI, BJ, MASK, CAUSAL, IEEE)
         p = _round(tl.exp(s - safe) / row_sum, dtype)
         rows, cols = _block_rows_cols(bi, jb, T, BI, BJ)
         p = tl.where((rows < ROWS) & (cols < COLS), p, 0.0).to(dtype)
