@@ -18,26 +18,26 @@ The limit of a standalone layer is ``bmm + (bytes(encode) + bytes(decode)) / cop
 with the copy bandwidth measured in the same run; "frac" is limit time / our time.
 
 Usage (on a CUDA machine): ``python benchmarks/bench_layer.py [--ranks 16 24] [--sizes 4096]
-[--no-llm] [--repeat 3] [--out DIR]``. No GPU needed: ``--plot RESULTS.json PNG`` draws speedup
+[--no-llm] [--no-mid] [--repeat 3] [--out DIR]`` (mid-size shapes: ViT-H fc1, fc2, attention
+projections, DiT-XL fc1). No GPU needed: ``--plot RESULTS.json PNG`` draws speedup
 vs rank, ``--markdown RESULTS.json`` prints the table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import bench, copy_bandwidth, environment, graphed, prune_2_4  # noqa: E402
 
 from stl_compiler.runtime import ops  # noqa: E402  (after the path fix above)
 
@@ -47,43 +47,11 @@ SQUARE = (2048, 4096, 8192, 16384)
 #: (name, tokens n, in_features k, out_features m)
 LLM = (("llm 4096->4096", 8192, 4096, 4096), ("llm 4096->14336", 8192, 4096, 14336),
        ("llm 14336->4096", 8192, 14336, 4096))
+#: Mid-size transformer layers (hidden ~1k), where the encoded planes' HBM round trip costs as
+#: much as the FLOPs saved: ViT-H fc1 / fc2 / qkv-out (32 x 257 tokens), DiT-XL fc1.
+MID = (("vit-h fc1 1280->5120", 8224, 1280, 5120), ("vit-h fc2 5120->1280", 8224, 5120, 1280),
+       ("vit-h attn 1280->1280", 8224, 1280, 1280), ("dit-xl fc1 1152->4608", 4096, 1152, 4608))
 DTYPE = torch.bfloat16
-
-
-def bench(fn: Callable[[], object], rep: int = 200) -> float:
-    """Median time of ``fn`` in ms (do_bench: CUDA events, L2 flushed before each run)."""
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median"))
-
-
-def graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """``fn`` captured once into a CUDA graph; returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside capture: compiles the kernels, creates the cuBLAS handles
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
-    src = torch.randn(2**28, device="cuda", dtype=DTYPE)  # 512 MiB
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
-
-
-def prune_2_4(w: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest-magnitude entries of every 4 consecutive ones in a row."""
-    groups = w.reshape(-1, 4)
-    keep = groups.abs().topk(2, dim=1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
-    return (groups * mask).reshape(w.shape)
 
 
 def sparse_2_4(w: torch.Tensor) -> tuple[torch.Tensor | None, str]:
@@ -203,29 +171,18 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    """Device, versions, date and commit of this run."""
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    return {"device": torch.cuda.get_device_name(0), "sms": props.multi_processor_count,
-            "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": os.environ.get("STL_COMMIT", "unknown"),
-            "command": " ".join(["python3", *sys.argv])}
-
-
 def run(ranks: tuple[int, ...], sizes: tuple[int, ...], llm: bool, out_dir: Path | None,
-        check: bool = True, repeat: int = 1) -> dict:
+        check: bool = True, repeat: int = 1, mid: bool = True) -> dict:
     """Run the whole benchmark; print the table; write ``layer_bench.json`` into ``out_dir``."""
-    env = environment()
+    env = environment(torch.device("cuda"))
+    env["command"] = " ".join(["python3", *sys.argv])
     print(f"device {env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"{env['date']} | commit {env['commit']}", flush=True)
     env["copy_bandwidth_gbs"] = copy_bandwidth() / 1e9
     print(f"device-to-device copy: {env['copy_bandwidth_gbs']:.0f} GB/s (read + write)",
           flush=True)
-    shapes = [(f"square {s}", s, s, s) for s in sizes] + (list(LLM) if llm else [])
+    shapes = ([(f"square {s}", s, s, s) for s in sizes] + (list(LLM) if llm else [])
+              + (list(MID) if mid else []))
     rows: list[dict] = []
     print(format_table(rows), flush=True)
     for name, n, k, m in shapes:
@@ -277,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SQUARE))
     parser.add_argument("--no-llm", action="store_true", help="skip the LLM shapes")
+    parser.add_argument("--no-mid", action="store_true",
+                        help="skip the mid-size shapes (ViT-H, DiT-XL layers)")
     parser.add_argument("--no-check", action="store_true", help="skip ours-vs-alg1 check")
     parser.add_argument("--repeat", type=int, default=1,
                         help="repeat every measurement, interleaved; report medians and spread")
@@ -294,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_layer needs a CUDA GPU")
     run(tuple(args.ranks), tuple(args.sizes), not args.no_llm, args.out, not args.no_check,
-        args.repeat)
+        args.repeat, not args.no_mid)
 
 
 if __name__ == "__main__":

@@ -1,50 +1,53 @@
 """End-to-end model benchmark: dense torch.compile vs STL compiled vs 2:4, on CUDA (bf16, t=4).
 
-Two stacks of blocks from :mod:`stl_compiler.models`, fed random hidden states (no embedding,
-no head), all weights random:
+Stacks of blocks from :mod:`stl_compiler.models`, fed random hidden states (no embedding, no
+head), all weights random:
 
-- llama: a Llama-like decoder at prefill: 8 x ``DecoderBlock`` (RMSNorm, SDPA causal GQA
-  attention, SwiGLU MLP; hidden 4096, MLP 14336, 32 heads / 8 KV heads, no biases), input
-  batch 4 x seq 2048 = 8192 tokens;
-- vit: a ViT-H-like encoder: ``EncoderBlock`` (LayerNorm, SDPA attention, GELU MLP with
-  biases; hidden 1280, MLP 5120, 16 heads), 257 tokens x batch 32 = 8224 tokens. ViT-H has 32
-  layers; the default here is 16 (``--vit-layers 32`` for full depth) to keep the whole run
-  near 6 minutes, since compile time grows with depth. Attention runs through SDPA
-  (``attn.use_sdpa = True``) so that it is flash attention in every column.
+- llama: Llama-like decoder at prefill: 8 x ``DecoderBlock`` (RMSNorm, SDPA causal GQA
+  attention, SwiGLU MLP; hidden 4096, MLP 14336, 32 / 8 heads, no biases), 4 x 2048 tokens;
+- vit:   ViT-H-like encoder: 16 of ViT-H's 32 ``EncoderBlock`` (pre-norm LayerNorm, SDPA
+  attention, GELU MLP with biases; hidden 1280, MLP 5120, 16 heads), 32 x 257 tokens;
+- dit:   DiT-XL-like: 8 pre-norm ``EncoderBlock`` (hidden 1152, MLP 4608, 16 heads; no adaLN
+  modulation), 16 x 256 tokens;
+- bert:  BERT-large-like: 8 post-norm ``EncoderBlock`` (``norm_first=False``; hidden 1024, MLP
+  4096, 16 heads), 32 x 512 tokens;
+- flux:  Flux-like: 4 pre-norm ``EncoderBlock`` (hidden 3072, MLP 12288, 24 heads), 1 x 4608
+  tokens.
 
-Columns, each timed side by side in one run on the same input:
+Attention runs through SDPA (flash attention) in every column: only nn.Linear layers change, as
+for 2:4. Rows of an STL tile are 4 consecutive tokens (``row_grouping="tokens"``; for the causal
+decoder that lets a token see up to 3 later tokens of its tile with an inexact basis: it does not
+change the speed question; ``--row-grouping batch`` for the causality-safe grouping).
 
-- dense:       ``torch.compile`` of the dense stack (cuBLAS GEMMs, Inductor for the rest);
-               the baseline of every ratio ("x" = dense ms / column ms);
-- STL fused:   ``stl_compile(stack, (x,), STLConfig(rank=24, targets=("linear",)))``: every
-               nn.Linear is an STL site, the fusion passes on (SwiGLU / GELU boundaries become
-               one decode→act→encode op, residual + RMSNorm/LayerNorm boundaries one
-               decode→norm→encode row-strip op), Inductor backend, static shapes;
-- STL fused, no row-strip: the same with ``fuse_row_strip=False`` (residual + norm
-               boundaries stay decoded: the fusion of issue 4 before row strips);
-- STL unfused: the same with ``fuse=False``;
-- 2:4:         magnitude 2:4 pruning of every nn.Linear weight, ``to_sparse_semi_structured``
-               (cuSPARSELt), ``torch.compile``; a layer whose conversion fails stays dense and
-               the error is recorded; if compiling fails, 2:4 is timed eagerly and both noted.
+Columns, each timed side by side in one run on the same input, for every ``--modes`` entry
+(``default`` = ``torch.compile``'s default mode, ``reduce-overhead`` = CUDA graphs), dense and
+STL compiled in the same mode:
 
-Attention (SDPA) stays dense in every column: only nn.Linear layers change, as for 2:4. Rows of
-an STL tile are 4 consecutive tokens (``row_grouping="tokens"``); for the causal decoder that
-lets a token see up to 3 later tokens of its tile with an inexact basis. It does not change
-the speed question; pass ``--row-grouping batch`` for the causality-safe grouping.
+- dense [mode]:     ``torch.compile(stack, mode=mode)``: cuBLAS GEMMs, Inductor for the rest;
+- STL fused [mode]: ``stl_compile(stack, (x,), STLConfig(rank=24, targets=("linear",)),
+                    dynamic_shapes=None, mode=mode)``: every nn.Linear an STL site, all fusion
+                    passes on;
+- with ``--ablations`` (default mode only): STL with ``fuse_row_strip=False`` and with
+  ``fuse=False``;
+- 2:4 (default mode): magnitude 2:4 pruning of every nn.Linear weight,
+  ``to_sparse_semi_structured`` (cuSPARSELt), ``torch.compile``.
 
-Times are medians over at least ``--runs`` runs of ``triton.testing.do_bench`` (CUDA events, L2
-flushed), as in ``bench_layer.py``, under ``torch.no_grad``. Compile time is the first call of
-the compiled module; STL conversion time (capture, passes, per-site error measurement) is
-separate. Each column's output is compared with the dense column's (fitted bases are inexact by
-design) and the fused STL output with the unfused one (same basis: should agree to rounding).
-A soft time budget (``--budget-s``) skips the columns that would start after it.
+Every column reports, under ``torch.no_grad``: ``ms`` (median of ``triton.testing.do_bench``,
+L2 flushed), ``wall`` (steady-state wall-clock per call of calls issued back to back: what a
+user's loop sees), ``gpu`` (sum of GPU kernel durations per call, torch.profiler) and ``host``
+(wall - gpu: the time the GPU waits for the host). Ratios ("x") are dense [same mode] / column,
+on wall-clock. Compile time is the first call; STL conversion time (capture, passes, per-site
+error measurement) is separate. Each column's output is compared with the dense column's
+(fitted bases are inexact by design). A soft time budget (``--budget-s``) skips the columns that
+would start after it.
 
-Usage (CUDA machine; about 4-6 min on an H100, most of it compile time)::
+Usage (CUDA machine; compile time dominates: ~1 min per STL column of a 16-layer stack)::
 
-    python benchmarks/bench_model.py [--models llama vit] [--vit-layers 16] [--out DIR]
+    python benchmarks/bench_model.py [--models vit dit bert] [--modes default reduce-overhead]
+                                     [--ablations] [--out DIR]
 
 writes ``DIR/model.json`` (``DIR`` defaults to ``$OUT``). CPU smoke test of the same code path
-at tiny sizes (no Triton, 2:4 replaced by pruned dense weights)::
+at tiny sizes (no Triton, 2:4 replaced by pruned dense weights, default mode only)::
 
     python benchmarks/bench_model.py --smoke
 """
@@ -66,8 +69,9 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_mlp_block import (  # noqa: E402  (after the path fix above)
-    bench_ms,
+from _common import (  # noqa: E402  (after the path fix above)
+    DTYPE,
+    TILE,
     boundary_summary,
     device_or_exit,
     environment,
@@ -79,16 +83,12 @@ from bench_mlp_block import (  # noqa: E402  (after the path fix above)
     report_json,
     sparsify_linears_,
     stl_graph_ops,
+    timing_row,
     write_json,
 )
 
 import stl_compiler as stl  # noqa: E402
 from stl_compiler.models import DecoderBlock, EncoderBlock  # noqa: E402
-
-TILE = 4
-DTYPE = torch.bfloat16
-#: Issue 5's end-to-end target for the Llama-like prefill stack, r=24, fused.
-LLAMA_TARGET_X = 1.7
 
 
 @dataclass
@@ -104,6 +104,7 @@ class ModelSpec:
     kv_heads: int
     batch: int
     seq: int
+    norm_first: bool = True
 
     @property
     def tokens(self) -> int:
@@ -130,7 +131,8 @@ def build(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Tensor]:
         blocks = [DecoderBlock(spec.dim, spec.heads, spec.kv_heads, spec.mlp_dim)
                   for _ in range(spec.layers)]
     else:
-        blocks = [EncoderBlock(spec.dim, spec.heads, spec.mlp_dim) for _ in range(spec.layers)]
+        blocks = [EncoderBlock(spec.dim, spec.heads, spec.mlp_dim, norm_first=spec.norm_first)
+                  for _ in range(spec.layers)]
         for block in blocks:
             block.attn.use_sdpa = True  # flash attention, in every column
     model = Stack(blocks).to(device=device, dtype=DTYPE).eval()
@@ -143,13 +145,21 @@ def build(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Tensor]:
 def specs(args: argparse.Namespace) -> list[ModelSpec]:
     if args.smoke:
         table = {"llama": ModelSpec("llama", "decoder", 2, 64, 160, 4, 2, 2, 16),
-                 "vit": ModelSpec("vit", "encoder", 2, 64, 128, 4, 4, 2, 17)}
+                 "vit": ModelSpec("vit", "encoder", 2, 64, 128, 4, 4, 2, 17),
+                 "dit": ModelSpec("dit", "encoder", 2, 48, 192, 4, 4, 2, 16),
+                 "bert": ModelSpec("bert", "encoder", 2, 64, 256, 4, 4, 2, 16, False),
+                 "flux": ModelSpec("flux", "encoder", 1, 96, 384, 4, 4, 1, 32)}
     else:
         vit_batch = -(-8192 // 257)  # 32 images: 8224 tokens
         table = {"llama": ModelSpec("llama", "decoder", args.llama_layers, 4096, 14336, 32, 8,
                                     4, 2048),
                  "vit": ModelSpec("vit", "encoder", args.vit_layers, 1280, 5120, 16, 16,
-                                  vit_batch, 257)}
+                                  vit_batch, 257),
+                 "dit": ModelSpec("dit", "encoder", args.layers, 1152, 4608, 16, 16, 16, 256),
+                 "bert": ModelSpec("bert", "encoder", args.layers, 1024, 4096, 16, 16, 32, 512,
+                                   False),
+                 "flux": ModelSpec("flux", "encoder", args.flux_layers, 3072, 12288, 24, 24, 1,
+                                   4608)}
     return [table[name] for name in args.models]
 
 
@@ -172,22 +182,37 @@ class Columns:
 
     def add(self, row: dict, out: Tensor | None = None) -> None:
         if out is not None:
+            reference = next((o for name, o in self.outputs.items()
+                              if name.startswith("dense")), None)
             self.outputs[row["method"]] = out
-            if "dense" in self.outputs and row["method"] != "dense":
-                row["rel_err_vs_dense"] = rel_error(out, self.outputs["dense"])
+            if reference is not None and not row["method"].startswith("dense"):
+                row["rel_err_vs_dense"] = rel_error(out, reference)
         row["elapsed_s"] = time.perf_counter() - self.start
         self.rows.append(row)
         self.on_row(row)
 
-    def timed(self, name: str, module: Callable[[Tensor], Tensor], x: Tensor, **extra: Any
-              ) -> None:
-        """First call (compile) then the median time; adds the row."""
-        out, compile_s = first_call_s(lambda: module(x), self.device)
-        ms = bench_ms(lambda: module(x), self.device, self.args.runs)
-        self.add({"method": name, "ms": ms, "compile_s": compile_s, **extra}, out)
+    def timed(self, name: str, module: Callable[[Tensor], Tensor], x: Tensor, mode: str,
+              **extra: Any) -> None:
+        """First call (compile), then do_bench, wall-clock, GPU-kernel and host time; adds
+        the row. CUDA-graph outputs are overwritten by the next replay: the kept output is a
+        copy, and every call starts a new cudagraph step."""
+        if mode == "reduce-overhead":
+            def call() -> Tensor:
+                torch.compiler.cudagraph_mark_step_begin()
+                return module(x)
+        else:
+            call = lambda: module(x)
+        out, compile_s = first_call_s(lambda: call().clone(), self.device)
+        self.add({"method": name, "mode": mode, "compile_s": compile_s,
+                  **timing_row(call, self.device, self.args.runs), **extra}, out)
 
 
-def stl_column(cols: Columns, name: str, model: nn.Module, x: Tensor, fuse: bool,
+def compile_mode(mode: str) -> dict[str, str]:
+    """``torch.compile`` / ``stl_compile`` keyword for a ``--modes`` entry."""
+    return {} if mode == "default" else {"mode": mode}
+
+
+def stl_column(cols: Columns, name: str, model: nn.Module, x: Tensor, mode: str, fuse: bool,
                row_strip: bool, measure: bool) -> Any:
     """Convert with stl_compile, compile, time; returns the report (None on failure)."""
     args = cols.args
@@ -197,10 +222,10 @@ def stl_column(cols: Columns, name: str, model: nn.Module, x: Tensor, fuse: bool
     try:
         start = time.perf_counter()
         module = stl.stl_compile(model, (x,), config, dynamic_shapes=None,
-                                 backend=args.backend)
+                                 backend=args.backend, **compile_mode(mode))
         convert_s = time.perf_counter() - start
         report = module.stl_report
-        cols.timed(name, module, x, convert_s=convert_s, rank=args.rank, fuse=fuse,
+        cols.timed(name, module, x, mode, convert_s=convert_s, rank=args.rank, fuse=fuse,
                    sites_converted=f"{len(report.converted)}/{len(report.sites)}",
                    flop_ratio=report.flop_ratio, model_rel_error_report=report.model_rel_error,
                    boundaries=boundary_summary(report), graph_ops=stl_graph_ops(module),
@@ -225,14 +250,14 @@ def sparse_column(cols: Columns, model: nn.Module, x: Tensor) -> None:
               f"{next(iter(errors.items()))}", flush=True)
     try:
         compiled = torch.compile(sparse_model, backend=cols.args.backend)
-        cols.timed(name, compiled, x, conversion_errors=errors,
+        cols.timed(name, compiled, x, "default", conversion_errors=errors,
                    layers_sparse=_count_sparse(sparse_model))
     except Exception as err:  # noqa: BLE001 - recorded; eager 2:4 tried below
         compile_error = f"{type(err).__name__}: {err}"[:3000]
         print(f"  2:4 torch.compile failed: {compile_error[:300]}", flush=True)
         free_memory(cols.device)
         try:
-            cols.timed(f"{name} eager (compile failed)", sparse_model, x,
+            cols.timed(f"{name} eager (compile failed)", sparse_model, x, "default",
                        conversion_errors=errors, compile_error=compile_error)
         except Exception as err2:  # noqa: BLE001 - recorded
             cols.add({"method": name, "error": f"{type(err2).__name__}: {err2}"[:3000],
@@ -270,19 +295,28 @@ def summarize_report(report: Any, block: str = "blocks.0.") -> list[str]:
     return lines
 
 
-def format_row(row: dict, dense_ms: float | None) -> str:
+def format_row(row: dict, dense: dict | None) -> str:
+    """One column: do_bench ms, wall / GPU / host ms, x dense (wall and GPU, same mode)."""
     if "ms" not in row:
         note = row.get("skipped") or row.get("error", "")
-        return f"  {row['method']:<26} {'-':>9} {'-':>7}  {note[:200]}"
-    ratio = f"{dense_ms / row['ms']:.2f}" if dense_ms else "-"
+        return f"  {row['method']:<34} {'-':>8}  {note[:200]}"
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    ratio = lambda key: (f"{dense[key] / row[key]:.2f}" if dense and dense.get(key)
+                         and row.get(key) else "-")
     conv = f"{row['convert_s']:.1f}" if "convert_s" in row else "-"
     err = f"{row['rel_err_vs_dense']:.2e}" if "rel_err_vs_dense" in row else "-"
-    return (f"  {row['method']:<26} {row['ms']:>9.3f} {ratio:>7} {conv:>9} "
-            f"{row['compile_s']:>9.1f} {err:>12}")
+    return (f"  {row['method']:<34} {row['ms']:>8.3f} {row['wall_ms']:>8.3f} "
+            f"{fmt(row['gpu_ms']):>8} {fmt(row['host_ms']):>8} {ratio('wall_ms'):>7} "
+            f"{ratio('gpu_ms'):>7} {conv:>9} {row['compile_s']:>9.1f} {err:>12}")
 
 
-HEADER = (f"  {'column':<26} {'ms':>9} {'x dense':>7} {'convert s':>9} {'compile s':>9} "
-          f"{'err vs dense':>12}")
+HEADER = (f"  {'column':<34} {'ms':>8} {'wall ms':>8} {'gpu ms':>8} {'host ms':>8} "
+          f"{'x wall':>7} {'x gpu':>7} {'convert s':>9} {'compile s':>9} {'err vs dense':>12}")
+
+
+def dense_row(rows: list[dict], mode: str) -> dict | None:
+    """The dense column compiled in ``mode``: the baseline of that mode's ratios."""
+    return next((r for r in rows if r["method"] == f"dense [{mode}]" and "ms" in r), None)
 
 
 def run_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device, start: float,
@@ -290,7 +324,8 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device, s
     """All columns for one model; returns its JSON entry (also written after every row)."""
     print(f"\n== {spec.name}: {spec.layers} layers, hidden {spec.dim}, MLP {spec.mlp_dim}, "
           f"{spec.heads} heads / {spec.kv_heads} KV heads, batch {spec.batch} x seq "
-          f"{spec.seq} = {spec.tokens} tokens, {DTYPE}", flush=True)
+          f"{spec.seq} = {spec.tokens} tokens, {'pre' if spec.norm_first else 'post'}-norm, "
+          f"{DTYPE}", flush=True)
     entry: dict[str, Any] = {"spec": asdict(spec), "tokens": spec.tokens, "rows": []}
     result["models"][spec.name] = entry
     model, x = build(spec, device)
@@ -300,38 +335,38 @@ def run_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device, s
     def on_row(row: dict) -> None:
         entry["rows"] = cols.rows
         write_json(path, result)
-        dense = next((r["ms"] for r in cols.rows if r["method"] == "dense" and "ms" in r), None)
-        print(format_row(row, dense), f"[{row['elapsed_s']:.0f} s]", flush=True)
+        print(format_row(row, dense_row(cols.rows, row.get("mode", "default"))),
+              f"[{row['elapsed_s']:.0f} s]", flush=True)
 
     cols = Columns(args, device, start, on_row)
+    reports = {}
+    fused = lambda mode: f"STL r={args.rank} fused [{mode}]"
     with torch.no_grad():
-        if not cols.over_budget("dense"):
-            try:
-                cols.timed("dense", torch.compile(model, backend=args.backend), x)
-            except Exception as err:  # noqa: BLE001 - recorded
-                cols.add({"method": "dense", "error": f"{type(err).__name__}: {err}"[:3000]})
-            free_memory(device)
-        reports = {}
-        fused, no_strip, unfused = (f"STL r={args.rank} {k}" for k in (
-            "fused", "fused, no row-strip", "unfused"))
-        for name, fuse, row_strip in ((fused, True, True), (no_strip, True, False),
-                                      (unfused, False, False)):
+        for mode in args.modes:
+            name = f"dense [{mode}]"
             if not cols.over_budget(name):
-                measure = name == fused and not args.no_measure_error
-                reports[name] = stl_column(cols, name, model, x, fuse, row_strip, measure)
-        outs = cols.outputs
-        if fused in outs and unfused in outs:
-            entry["rel_diff_fused_vs_unfused"] = rel_error(outs[fused], outs[unfused])
-            row = next(r for r in cols.rows if r["method"] == fused)
-            for other_name, key in ((unfused, "fuse_gain"), (no_strip, "row_strip_gain")):
-                other = next((r for r in cols.rows if r["method"] == other_name and "ms" in r),
-                             None)
-                if other is not None:
-                    row[key] = other["ms"] / row["ms"]
+                try:
+                    dense = torch.compile(model, backend=args.backend, **compile_mode(mode))
+                    cols.timed(name, dense, x, mode)
+                except Exception as err:  # noqa: BLE001 - recorded
+                    cols.add({"method": name, "mode": mode,
+                              "error": f"{type(err).__name__}: {err}"[:3000]})
+                dense = None
+                free_memory(device)
+            if not cols.over_budget(fused(mode)):
+                measure = mode == args.modes[0] and not args.no_measure_error
+                reports[mode] = stl_column(cols, fused(mode), model, x, mode, True, True,
+                                           measure)
+        if args.ablations:
+            for name, fuse, row_strip in ((f"STL r={args.rank} no row-strip [default]", True,
+                                           False),
+                                          (f"STL r={args.rank} unfused [default]", False, False)):
+                if not cols.over_budget(name):
+                    stl_column(cols, name, model, x, "default", fuse, row_strip, False)
         if not args.no_sparse and not cols.over_budget("2:4"):
             sparse_column(cols, model, x)
     entry["rows"] = cols.rows
-    report = reports.get(fused)
+    report = reports.get(args.modes[0])
     if report is not None:
         entry["report"] = report_json(report)
         entry["report_summary"] = summarize_report(report)
@@ -346,24 +381,22 @@ def print_summary(result: dict, args: argparse.Namespace) -> None:
     for name, entry in result["models"].items():
         spec = entry["spec"]
         rows = entry["rows"]
-        dense = next((r["ms"] for r in rows if r["method"] == "dense" and "ms" in r), None)
         print(f"\n{name}: {spec['layers']} layers, {entry['tokens']} tokens")
         print(HEADER)
         for row in rows:
-            print(format_row(row, dense))
-        fused = next((r for r in rows if r["method"].endswith(" fused") and "ms" in r), None)
-        if fused is not None and dense:
-            print(f"  fusion gain (unfused ms / fused ms): {fused.get('fuse_gain', 0):.2f}; "
-                  f"row-strip gain (no row-strip ms / fused ms): "
-                  f"{fused.get('row_strip_gain', 0):.2f}; "
-                  f"fused vs unfused output rel. diff: "
-                  f"{entry.get('rel_diff_fused_vs_unfused', float('nan')):.2e}; "
-                  f"ideal GEMM-only x = t^3/r = {fused['ideal_gemm_x']:.2f}")
-            if name == "llama" and args.rank == 24 and not args.smoke:
-                x = dense / fused["ms"]
-                print(f"  issue 5 target {LLAMA_TARGET_X}x: measured {x:.2f}x "
-                      f"({x / LLAMA_TARGET_X:.0%} of target)")
-            print(f"  stl graph ops (fused): {fused.get('graph_ops')}")
+            print(format_row(row, dense_row(rows, row.get("mode", "default"))))
+        for mode in args.modes:
+            dense = dense_row(rows, mode)
+            stl_row = next((r for r in rows if r["method"] == f"STL r={args.rank} fused [{mode}]"
+                            and "ms" in r), None)
+            if dense and stl_row:
+                gpu = (f"{dense['gpu_ms'] / stl_row['gpu_ms']:.2f}x" if stl_row["gpu_ms"]
+                       else "-")
+                wall = dense["wall_ms"] / stl_row["wall_ms"]
+                print(f"  [{mode}] STL fused vs dense: wall {wall:.2f}x, GPU-kernel "
+                      f"{gpu}, host overhead {stl_row['host_ms'] or 0:.3f} ms "
+                      f"(dense {dense['host_ms'] or 0:.3f} ms); ideal GEMM-only x = t^3/r = "
+                      f"{TILE**3 / args.rank:.2f}")
         for line in entry.get("report_summary", []):
             print(f"  {line}")
 
@@ -395,11 +428,18 @@ def run(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["llama", "vit"],
-                        choices=("llama", "vit"))
+    parser.add_argument("--models", nargs="+", default=["vit", "dit", "bert"],
+                        choices=("llama", "vit", "dit", "bert", "flux"))
+    parser.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"],
+                        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="torch.compile modes; dense and STL are compiled in each")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also STL without row-strip fusion and without fusion (default mode)")
     parser.add_argument("--llama-layers", type=int, default=8)
     parser.add_argument("--vit-layers", type=int, default=16,
-                        help="ViT-H has 32; 16 keeps the run near 6 min")
+                        help="ViT-H has 32; 16 keeps compile time near a minute per column")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the dit / bert stacks")
+    parser.add_argument("--flux-layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=24)
     parser.add_argument("--basis", default="fitted")
     parser.add_argument("--row-grouping", default="tokens", choices=("tokens", "batch"))
@@ -413,7 +453,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output folder (default $OUT or ./out)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes on CPU (no Triton, no 2:4): tests the code path")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.modes = ["default"]  # CUDA graphs need CUDA
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_mlp_block import (  # noqa: E402  (after the path fix above)
+from _common import (  # noqa: E402  (after the path fix above)
     bench_ms,
     device_or_exit,
     environment,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call = one stage (each must end well inside the 10-minute limit):
-#   bash benchmarks/device_run.sh tests|mlp|model|passes|deploy|layer|strip
+#   bash benchmarks/device_run.sh tests|mlp|model|passes|deploy|layer|strip|train|ort
 # Writes logs and JSON under $OUT. Records the device, versions and commit first.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 STL_COMMIT="${STL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
@@ -19,5 +19,7 @@ case "$1" in
   deploy)  timeout 400 python3 benchmarks/device_deploy_check.py 2>&1 | tee "$OUT/deploy.log" ;;
   layer)   timeout 560 python3 benchmarks/bench_layer.py 2>&1 | tee "$OUT/layer.log" ;;
   strip)   timeout 300 python3 benchmarks/bench_row_strip.py 2>&1 | tee "$OUT/row_strip.log" ;;
+  train)   timeout 400 python3 benchmarks/bench_train_step.py 2>&1 | tee "$OUT/train_step.log" ;;
+  ort)     timeout 400 python3 benchmarks/bench_ort.py --profile ${STL_ORT_ARGS:-} 2>&1 | tee "$OUT/ort.log" ;;
   *) echo "unknown stage $1"; exit 2 ;;
 esac

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_layer  # noqa: E402  (after the path fix above)
+import bench_layer  # noqa: E402  (after the path fix above; --apply-sweep runs it in-process)
+from _common import bench, copy_bandwidth  # noqa: E402
 
 from stl_compiler.runtime import ops, triton_kernels  # noqa: E402
 
@@ -109,7 +110,7 @@ def _sweep_size(impl, n: int, bandwidth: float, resources: dict) -> list[dict]:
                 if new:
                     resources[(kind, rank, config)] = _resources(new[-1])
                 info = resources.get((kind, rank, config), {})
-                ms = bench_layer.bench(fn, rep=100)
+                ms = bench(fn, rep=100)
                 gbs = nbytes / ms / 1e6
                 rows.append({"kernel": kind, "rank": rank, "n": n, "config": config, "ms": ms,
                              "gbs": gbs, "frac_copy": gbs * 1e9 / bandwidth, **info})
@@ -141,7 +142,7 @@ def sweep(out: Path, budget_s: float, apply: bool) -> None:
     """Bandwidth of each kernel for each candidate block shape at SWEEP_SIZES; with ``apply``,
     each kernel's winner (see _winners) becomes its config for the rest of the run."""
     impl = triton_kernels.kernels()
-    bandwidth = bench_layer.copy_bandwidth()
+    bandwidth = copy_bandwidth()
     print(f"sweep: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     deadline = time.time() + budget_s
     rows: list[dict] = []
@@ -173,8 +174,8 @@ def bmm_layouts(out: Path, rank: int) -> None:
         w_nt = torch.randn(rank, m // 4, k // 4, device="cuda", dtype=torch.bfloat16)
         w_nn = w_nt.transpose(1, 2).contiguous()
         row = {"n": n, "k": k, "m": m, "rank": rank,
-               "nn_ms": bench_layer.bench(lambda a=xh, b=w_nn: torch.bmm(a, b)),
-               "nt_ms": bench_layer.bench(lambda a=xh, b=w_nt: torch.bmm(a, b.transpose(1, 2)))}
+               "nn_ms": bench(lambda a=xh, b=w_nn: torch.bmm(a, b)),
+               "nt_ms": bench(lambda a=xh, b=w_nt: torch.bmm(a, b.transpose(1, 2)))}
         rows.append(row)
         print(f"  bmm r={rank} {n}x{k}x{m}: nn {row['nn_ms']:.4f} ms, nt {row['nt_ms']:.4f} ms",
               flush=True)

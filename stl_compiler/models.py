@@ -61,15 +61,25 @@ class Attention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+    """Transformer encoder block: attention and a GELU MLP, each with a residual and a
+    LayerNorm; pre-norm (ViT, DiT) by default, post-norm (BERT) with ``norm_first=False``."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, *, norm_first: bool = True) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.fc1, self.fc2 = nn.Linear(dim, mlp_dim), nn.Linear(mlp_dim, dim)
+        self.norm_first = norm_first
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        if self.norm_first:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
 
 
 class ViTEncoder(nn.Module):
