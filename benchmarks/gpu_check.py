@@ -41,9 +41,9 @@ from _common import bench, copy_bandwidth  # noqa: E402
 from stl_compiler.runtime import ops, triton_kernels  # noqa: E402
 
 #: Launch shapes tried per kernel and padded rank: (BI, BJ, num_warps, programs per SM,
-#: register cap), as in _triton_impl.CONFIGS. The earlier sweeps (docs/kernel_notes.md) fixed
-#: the block shapes; this one tries register caps on the r=24 kernels, whose occupancy ncu
-#: showed limited by registers.
+#: register cap), as in runtime/triton/common.py CONFIGS. The earlier sweeps
+#: (docs/kernel_notes.md) fixed the block shapes; this one tries register caps on the r=24
+#: kernels, whose occupancy ncu showed limited by registers.
 SWEEP = {
     "encode": {32: [(4, 64, 4, 8, 0), (4, 64, 4, 8, 96), (4, 64, 4, 8, 80), (4, 64, 4, 8, 64),
                     (4, 64, 4, 4, 80), (8, 32, 4, 8, 80), (4, 64, 4, 16, 64)]},
@@ -93,13 +93,13 @@ def _sweep_size(impl, n: int, bandwidth: float, resources: dict) -> list[dict]:
         rp = impl.padded_rank(rank)
         basis = torch.randn(rank, t * t, device="cuda", dtype=x.dtype) / t
         xh = ops.encode(x, basis, t)
-        runs = {"encode": (lambda b=basis: ops.encode(x, b, t), impl._encode_kernel,
+        runs = {"encode": (lambda b=basis: ops.encode(x, b, t), impl.tile._encode_kernel,
                            plain_bytes * (1 + rank / t**2)),
-                "decode": (lambda e=xh, b=basis: ops.decode(e, b, t, n, n), impl._decode_kernel,
-                           plain_bytes * (1 + rank / t**2)),
+                "decode": (lambda e=xh, b=basis: ops.decode(e, b, t, n, n),
+                           impl.tile._decode_kernel, plain_bytes * (1 + rank / t**2)),
                 "fused": (lambda e=xh, b=basis: ops.decode_act_encode(e, b, None, b, "gelu", 1.0,
                                                                       t, n, n),
-                          impl._decode_act_encode_kernel, plain_bytes * 2 * rank / t**2)}
+                          impl.fused_act._decode_act_encode_kernel, plain_bytes * 2 * rank / t**2)}
         for kind, (fn, kernel, nbytes) in runs.items():
             default = impl.CONFIGS[kind][rp]
             for config in SWEEP[kind].get(rp, []):

@@ -1,18 +1,22 @@
 """A character-level causal LM on Python's standard library sources: dense vs STL.
 
-    .venv/bin/python examples/char_lm.py [--ranks 16 24 32 40 44 48 49] [--steps 1000] [--jobs 7]
+    .venv/bin/python examples/char_lm.py [--ranks 16 24 32 40 44 48 64] [--steps 1000] [--jobs 7]
 
 Every STL layer uses ``row_grouping="batch"``: a tile's rows are the same position of 4
 different sequences, so no token ever sees another position of its own sequence (with
-"tokens" an inexact basis would leak future characters into the prediction).
+"tokens" an inexact basis would leak future characters into the prediction). "batch" needs a
+row-separable basis (no product term mixes the 4 sequences of a tile): "fitted" is then
+``stl_compiler.tiling.row_separable(4, rank)`` (ranks multiple of 4), and the exact row is the
+naive basis (rank 64; Strassen's rank 49 mixes rows). Calibration and distillation keep the
+layers row-separable.
 (A) train from scratch with STL; (B) convert the trained dense model: plain encoding,
 + calibration on 8 training batches, + distillation with 10% of the training steps.
-Conversion recipe (tools/char_lm_experiments.py measured it): up to rank 40 the calibration
-restarts every layer from a row-separable basis (no term mixes the 4 sequences of a tile) and
-fits each layer to the dense model's own activations; from rank 44 on the shipped fitted basis
-is kept (it is then more accurate). Distillation trains all parameters (lr 1.2e-2 with the
-row-separable basis, 1e-3 with the fitted one, 10 warmup steps) on the logits' KL plus each
-block's output MSE; rank 49 (exact) keeps the plain STL-only recipe.
+Conversion recipe (tools/char_lm_experiments.py measured it, when "fitted" was still the general
+fitted basis at ranks 44-48): up to rank 40 the calibration restarts every layer from
+``stl_compiler.fit.row_separable_basis`` (random row vectors) and fits each layer to the dense
+model's own activations; ranks 44-48 start from the converted basis. Distillation trains all
+parameters (lr 1.2e-2 up to rank 40, 1e-3 above, 10 warmup steps) on the logits' KL plus each
+block's output MSE; rank 64 (exact) keeps the plain STL-only recipe.
 Prints validation perplexity per rank and writes examples/char_lm.json.
 """
 
@@ -26,7 +30,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from _common import RANKS, Block, compare_ranks, parse_args, report, train
+from _common import EXACT, Block, compare_ranks, parse_args, report, train
 from torch import nn
 
 FILES = ("argparse.py", "dataclasses.py", "functools.py", "inspect.py", "typing.py",
@@ -61,7 +65,7 @@ def recipe(rank: int, blocks: list[str], warmup: int) -> tuple[dict, dict]:
     if rank % 4 == 0 and rank <= 40:
         return ({"basis": "row_separable", "target": "teacher"},
                 {"params": "all", "lr": 1.2e-2, "warmup": warmup, "features": blocks})
-    if rank < 49:
+    if rank < EXACT["batch"][1]:
         return {}, {"params": "all", "lr": 1e-3, "warmup": warmup, "features": blocks}
     return {}, {}
 
@@ -100,7 +104,7 @@ def perplexity(model: nn.Module, val: tuple[torch.Tensor, ...]) -> float:
 
 
 def main() -> None:
-    args = parse_args(__doc__, "examples/char_lm.json", (*RANKS, 44, 48))
+    args = parse_args(__doc__, "examples/char_lm.json", (16, 24, 32, 40, 44, 48, 64))
     steps = args.steps or 1000
     train_text, val_text = split_text()
     val = validation_batches(val_text)

@@ -15,7 +15,7 @@ from .api import stl_compile
 from .bases import STLBasis
 from .config import STLConfig
 from .convert import swap_linears_
-from .fit import calibrate, distill, fit_basis
+from .fit import calibrate, distill, export_safetensors, fit_basis, load_checkpoint, save_checkpoint
 from .functional import dense_flops, stl_flops, stl_matmul, stl_matmul_reference
 from .nn import STLLinear, STLMatmul
 from .report import STLReport
@@ -30,10 +30,13 @@ __all__ = [
     "calibrate",
     "dense_flops",
     "distill",
+    "export_safetensors",
     "exporters",
     "fit",
     "fit_basis",
+    "load_checkpoint",
     "runtime",
+    "save_checkpoint",
     "stl_compile",
     "stl_flops",
     "stl_matmul",

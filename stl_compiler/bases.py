@@ -5,7 +5,7 @@ each of ``ex``, ``ew``, ``d`` is a ``(rank, tile*tile)`` matrix and one tile pro
 
     vec(X @ W) ≈ d.T @ ((ex @ vec(X)) * (ew @ vec(W)))
 
-A basis is *exact* when this holds with equality for every X, W (Strassen, naive).
+A basis is *exact* when this holds with equality for every X, W (Strassen, naive, dps48).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ __all__ = [
     "random",
     "fitted",
     "fitted_ranks",
+    "dps48",
+    "DPS48_VARIANTS",
     "load",
     "resolve",
     "tile_product_tensor",
@@ -87,6 +90,10 @@ class STLBasis:
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"basis matrix {label!r} contains NaN or Inf")
             object.__setattr__(self, label, value.detach().to("cpu", torch.float64).contiguous())
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(
+                self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha < 0):
+            raise ValueError(f"alpha is a mean squared error: a finite number >= 0 or None "
+                             f"(unknown), got {self.alpha!r}")
 
     @property
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,12 +112,24 @@ class STLBasis:
         """Frobenius distance to the exact tile-product tensor (0 for an exact basis)."""
         return float(torch.linalg.vector_norm(self.tensor() - tile_product_tensor(self.tile)))
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the basis to a safetensors file (no pickle: loading never runs code)."""
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+        """Write the basis to a safetensors file (no pickle: loading never runs code).
+
+        ``metadata``: extra string entries stored in the file header (e.g. provenance);
+        they cannot override the basis' own keys (format, tile, rank, name, alpha).
+        """
         from safetensors.torch import save_file
 
         meta = {"format": _FORMAT, "tile": str(self.tile), "rank": str(self.rank),
                 "name": self.name, "alpha": json.dumps(self.alpha)}
+        extra = dict(metadata or {})
+        clash = sorted(set(extra) & set(meta))
+        if clash:
+            raise ValueError(f"metadata keys {clash} are reserved for the basis itself; rename "
+                             f"them (reserved: {sorted(meta)})")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+            raise TypeError(f"metadata must map str to str, got {extra!r}")
+        meta.update(extra)
         save_file({"ex": self.ex, "ew": self.ew, "d": self.d}, os.fspath(path), metadata=meta)
 
     def __repr__(self) -> str:
@@ -247,7 +266,8 @@ def resolve(spec: STLBasis | str, tile: int, rank: int, seed: int = 0) -> STLBas
     """Turn a basis name into an :class:`STLBasis` of the requested tile and rank.
 
     Names: ``"strassen"`` (exact, rank fixed by the tile), ``"strassen-pruned"``,
-    ``"naive"`` (exact, rank t³), ``"random"``, ``"fitted"`` (shipped fitted bases).
+    ``"naive"`` (exact, rank t³), ``"dps48"`` (exact, rank 48, tile 4 only; see
+    :func:`dps48`), ``"random"``, ``"fitted"`` (shipped fitted bases).
     An ``STLBasis`` is checked against ``tile`` and returned as is.
     """
     if isinstance(spec, STLBasis):
@@ -266,8 +286,13 @@ def resolve(spec: STLBasis | str, tile: int, rank: int, seed: int = 0) -> STLBas
         return random(tile, rank, seed)
     if spec == "fitted":
         return fitted(tile, rank)
+    if spec == "dps48":
+        if tile != 4:
+            raise ValueError(f"basis 'dps48' is a 4x4 tile scheme, config asks for tile {tile}; "
+                             f"use tile=4 or basis='strassen'")
+        return dps48()
     raise ValueError(f"unknown basis name {spec!r}; choose one of 'fitted', 'strassen', "
-                     f"'strassen-pruned', 'naive', 'random', or pass an STLBasis")
+                     f"'strassen-pruned', 'naive', 'dps48', 'random', or pass an STLBasis")
 
 
 def _data_dir() -> str:
@@ -289,8 +314,38 @@ def fitted(tile: int = 4, rank: int = 24) -> STLBasis:
     _check_tile_rank(tile, rank)
     path = os.path.join(_data_dir(), f"fitted_t{tile}_r{rank}.safetensors")
     if not os.path.exists(path):
+        # fit-basis's default init prunes Strassen's basis: a power-of-two tile, rank <= its
+        pow2 = tile & (tile - 1) == 0
+        init = "" if pow2 and rank <= 7 ** (tile.bit_length() - 1) else " --init random"
         raise ValueError(f"no fitted basis ships for tile={tile}, rank={rank}; shipped ranks for "
                          f"tile {tile}: {fitted_ranks(tile) or 'none'}. Fit one with "
-                         f"`stl-compiler fit-basis --tile {tile} --rank {rank} --out FILE` and "
-                         f"pass bases.load(FILE)")
+                         f"`stl-compiler fit-basis --tile {tile} --rank {rank}{init} --out FILE` "
+                         f"and pass bases.load(FILE) (or `--basis FILE` to "
+                         f"`stl-compiler export`)")
+    return load(path)
+
+
+DPS48_VARIANTS = ("rational", "accurate")
+
+
+def dps48(variant: str = "rational") -> STLBasis:
+    """The exact rank-48 basis for 4×4 tiles of Dumas, Pernet and Sedoglavic (2025).
+
+    One fewer product than Strassen's 49, with real dyadic coefficients, exact in bf16:
+    {0, ±1, ±1/2, ±1/4, ±1/8} (rational) or {0, ±1, ±2, ±1/8} (accurate). Source: "A
+    non-commutative algorithm for multiplying 4×4 matrices using 48 non-complex
+    multiplications", arXiv:2506.13242; data from the PLinOpt repository
+    (github.com/jgdumas/plinopt, CeCILL-B licence), converted by ``tools/parse_plinopt.py``;
+    provenance in ``stl_compiler/data/README.md`` and in the file's metadata.
+
+    Args:
+        variant: ``"rational"`` (the published rational scheme) or ``"accurate"`` (the
+            authors' numerically more accurate variant; its bf16 error is about half).
+    """
+    if variant not in DPS48_VARIANTS:
+        raise ValueError(f"variant must be one of {DPS48_VARIANTS}, got {variant!r}")
+    path = os.path.join(_data_dir(), f"dps48_t4_{variant}.safetensors")
+    if not os.path.exists(path):
+        raise ValueError(f"the dps48 {variant!r} basis file {path!r} is missing from this "
+                         f"installation; regenerate it with tools/parse_plinopt.py")
     return load(path)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import bases
 from .bases import STLBasis
-from .tiling import check_row_grouping
+from .tiling import check_row_grouping, is_row_separable, row_mixing_message, row_separable
 
 __all__ = ["STLConfig", "SiteSpec", "TARGETS"]
 
@@ -34,19 +36,38 @@ class STLConfig:
 
     Attributes:
         tile: tile side t.
-        rank: tensor rank r (number of small GEMMs); t³/r is the ideal GEMM speedup.
+        rank: tensor rank r (number of small GEMMs); t³/r is the ideal GEMM speedup. None
+            (the default) means 24 for a named basis and the basis's own rank for an
+            :class:`STLBasis`; a rank given together with a basis object must equal its rank.
+            At most t³ (the exact naive basis): more terms cost more than the dense product.
         basis: an :class:`STLBasis` or a name: "fitted" (shipped bases fitted to Gaussian
-            tiles), "strassen" / "naive" (exact; their rank is fixed by the tile),
-            "strassen-pruned", "random".
+            tiles), "strassen" / "naive" (exact; their rank is fixed by the tile), "dps48"
+            (exact rank-48 scheme, tile 4: :func:`stl_compiler.bases.dps48`),
+            "strassen-pruned", "random". With ``row_grouping="batch"``, "fitted" resolves to
+            :func:`stl_compiler.tiling.row_separable` of the rank, and any other basis must be
+            row-separable (:func:`stl_compiler.tiling.is_row_separable`), else ValueError.
         targets: which sites to convert: "linear" (parameter weights) and/or "matmul"
-            (activation × activation, e.g. attention QKᵀ and AV).
-        filter_fn: ``(fqn, node) -> bool``; a site is converted only when it returns True.
+            (activation × activation, e.g. attention QKᵀ and AV); a string names one. None
+            (default): both, except that a model which already holds ``STLLinear`` layers
+            (calibrated or trained) keeps its matmul sites dense, as converting them would add
+            uncalibrated error; name "matmul" explicitly to convert them anyway.
+        filter_fn: ``(module, fqn) -> bool`` (torchao's order); a site is converted only when
+            it returns True. ``module`` is the ``nn.Module`` owning the weight of a linear site
+            and None for an activation × activation site.
         overrides: ``{fnmatch pattern on the site name: {"tile"/"rank"/"basis": ...} or
-            "skip"}``; the first matching pattern applies.
-        min_dim: sites with any of n, k, m below this stay dense (too small to gain).
+            "skip"}``; the first matching pattern applies. Checked when the config is built.
+        min_dim: sites with any of k, m below this stay dense (too small to gain).
+        max_cost_ratio: a site stays dense when its STL FLOPs (encode, small GEMMs, decode;
+            on the example inputs) exceed this times its dense FLOPs; None converts regardless
+            of cost. The default 0.8 asks each site to save at least 20% of its FLOPs: its
+            encode and decode are memory-bound, so FLOPs undercount STL's cost, and every
+            site adds error. At rank 24, t=4 a linear saves 1 − 24/64 − 24/k − 24/m.
+        max_bytes_ratio: a site stays dense when the bytes it moves (docs/math.md's model)
+            exceed this times the dense bytes; None (default) does not gate on bytes.
         pad: zero-pad dims that are not multiples of the tile; when False such sites stay dense.
         row_grouping: "tokens" (t consecutive positions share a tile) or "batch" (the same
-            position of t sequences: causality-safe for decoders).
+            position of t sequences: causality-safe for decoders; needs a row-separable basis
+            so that batched sequences stay independent).
         decompose_sdpa: rewrite ``scaled_dot_product_attention`` into explicit matmuls so its
             QKᵀ and AV become STL sites.
         fuse: run the decode→encode fusion passes.
@@ -58,12 +79,14 @@ class STLConfig:
     """
 
     tile: int = 4
-    rank: int = 24
+    rank: int | None = None
     basis: STLBasis | str = "fitted"
-    targets: frozenset[str] | set[str] | tuple[str, ...] = frozenset(TARGETS)
-    filter_fn: Callable[[str, Any], bool] | None = None
+    targets: frozenset[str] | set[str] | tuple[str, ...] | str | None = None
+    filter_fn: Callable[[nn.Module | None, str], bool] | None = None
     overrides: Mapping[str, Mapping[str, Any] | str] = field(default_factory=dict)
     min_dim: int = 16
+    max_cost_ratio: float | None = 0.8
+    max_bytes_ratio: float | None = None
     pad: bool = True
     row_grouping: str = "tokens"
     decompose_sdpa: bool = False
@@ -73,35 +96,81 @@ class STLConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.targets = frozenset(self.targets)
-        unknown = self.targets - set(TARGETS)
-        if unknown:
-            raise ValueError(f"unknown targets {sorted(unknown)}; choose from {TARGETS}")
+        if self.targets is not None:
+            targets = {self.targets} if isinstance(self.targets, str) else self.targets
+            self.targets = frozenset(targets)
+            unknown = self.targets - set(TARGETS)
+            if unknown:
+                raise ValueError(f"unknown targets {sorted(unknown)}; choose from {TARGETS} "
+                                 f"(a string or a set of them)")
         check_row_grouping(self.row_grouping)
         if self.min_dim < 0:
             raise ValueError(f"min_dim must be >= 0, got {self.min_dim}")
+        for name in ("max_cost_ratio", "max_bytes_ratio"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0):
+                raise ValueError(f"{name} must be a number > 0 or None (no limit), got {value!r}")
+        if self.filter_fn is not None:
+            _check_filter_fn(self.filter_fn)
+        self._resolve({})  # fail now, not at the first site, on a bad tile/rank/basis
         for pattern, override in self.overrides.items():
             if override == SKIP:
                 continue
             if not isinstance(override, Mapping) or set(override) - {"tile", "rank", "basis"}:
                 raise ValueError(f"override for {pattern!r} must be 'skip' or a dict with keys "
                                  f"tile / rank / basis, got {override!r}")
-        self.site_spec("")  # fail now, not at the first site, on a bad tile/rank/basis
+            self._resolve(override, pattern)
+
+    def targets_for(self, has_stl_layers: bool = False) -> frozenset[str]:
+        """The site kinds to convert in a model (``has_stl_layers``: it already holds STL
+        layers, whose act×act neighbours then stay dense unless ``targets`` names them)."""
+        if self.targets is not None:
+            return self.targets
+        return frozenset({"linear"}) if has_stl_layers else frozenset(TARGETS)
+
+    def override_pattern(self, fqn: str) -> str | None:
+        """The first override pattern matching ``fqn`` (``fnmatch``, case-sensitive)."""
+        return next((p for p in self.overrides if fnmatch.fnmatchcase(fqn, p)), None)
 
     def override_for(self, fqn: str) -> Mapping[str, Any] | str | None:
-        for pattern, override in self.overrides.items():
-            if fnmatch.fnmatchcase(fqn, pattern):
-                return override
-        return None
+        pattern = self.override_pattern(fqn)
+        return None if pattern is None else self.overrides[pattern]
+
+    def unused_overrides(self, names: Iterable[str]) -> list[str]:
+        """Override patterns that match none of ``names`` (the sites of a model)."""
+        names = list(names)
+        return [p for p in self.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
     def site_spec(self, fqn: str) -> SiteSpec | None:
         """Tile, rank and basis for the site ``fqn``, or None when an override skips it."""
-        override = self.override_for(fqn)
+        pattern = self.override_pattern(fqn)
+        override = None if pattern is None else self.overrides[pattern]
         if override == SKIP:
             return None
-        chosen = {"tile": self.tile, "rank": self.rank, "basis": self.basis, **(override or {})}
-        basis = _cached_basis(chosen["basis"], chosen["tile"], chosen["rank"], self.seed)
+        basis = self._resolve(override or {}, pattern)
         return SiteSpec(basis.tile, basis.rank, basis)
+
+    def cost_reason(self, dense_flops: int, stl_flops: int, dense_bytes: int, stl_bytes: int,
+                    detail: str = "") -> str:
+        """Why a site must stay dense by :attr:`max_cost_ratio` / :attr:`max_bytes_ratio`
+        (``detail`` is appended to the ratio, e.g. " (head size 16)"); "" when it may convert."""
+        limits = (("FLOPs", "max_cost_ratio", dense_flops, stl_flops),
+                  ("bytes", "max_bytes_ratio", dense_bytes, stl_bytes))
+        for unit, name, dense, stl in limits:
+            limit = getattr(self, name)
+            if limit is not None and dense > 0 and stl > limit * dense:
+                return (f"cost: STL costs {stl / dense:.2f}x dense {unit}{detail} > "
+                        f"{name}={limit:g} ({name}=None converts anyway)")
+        return ""
+
+    def _resolve(self, override: Mapping[str, Any], pattern: str | None = None) -> STLBasis:
+        try:
+            return _resolve_basis(self, override)
+        except (TypeError, ValueError) as error:
+            if pattern is None:
+                raise
+            raise type(error)(f"override {pattern!r}: {error}") from error
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict; :meth:`from_dict` restores it."""
@@ -109,7 +178,7 @@ class STLConfig:
             raise ValueError("filter_fn is a Python callable and cannot be serialized; express "
                              "the rule as overrides={pattern: 'skip'} instead")
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "filter_fn"}
-        out["targets"] = sorted(self.targets)
+        out["targets"] = None if self.targets is None else sorted(self.targets)
         out["basis"] = _basis_to_dict(self.basis)
         out["overrides"] = {
             p: o if o == SKIP else {**o, **({"basis": _basis_to_dict(o["basis"])}
@@ -136,16 +205,68 @@ class STLConfig:
         return cls(**values)
 
 
+DEFAULT_RANK = 24
 _BASIS_CACHE: dict[tuple, STLBasis] = {}
 
 
-def _cached_basis(spec: STLBasis | str, tile: int, rank: int, seed: int) -> STLBasis:
+def _check_filter_fn(fn: object) -> None:
+    expected = ("filter_fn must be a callable filter_fn(module, fqn) -> bool (torchao's order; "
+                "module is the nn.Module owning a linear site's weight, None for an "
+                "activation x activation site)")
+    if not callable(fn):
+        raise TypeError(f"{expected}, got {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: nothing to check
+        return
+    try:
+        signature.bind(None, "")
+    except TypeError:
+        raise TypeError(f"{expected}; got a callable with signature {signature}") from None
+    first = next(iter(signature.parameters), None)
+    if first in ("fqn", "name"):
+        raise TypeError(f"{expected}; the first parameter of this one is named {first!r}, as "
+                        f"in the old (fqn, node) order: swap its parameters (see CHANGELOG.md)")
+
+
+def _resolve_basis(config: STLConfig, override: Mapping[str, Any]) -> STLBasis:
+    """The basis of a site: ``override`` (may be empty) over the config's fields."""
+    tile = override.get("tile", config.tile)
+    if "basis" in override:  # a rank only counts when given in the same place as the basis
+        spec, rank = override["basis"], override.get("rank")
+    else:
+        spec, rank = config.basis, override.get("rank", config.rank)
     if isinstance(spec, STLBasis):
-        return bases.resolve(spec, tile, rank, seed)
-    key = (spec, tile, rank, seed)
-    if key not in _BASIS_CACHE:
-        _BASIS_CACHE[key] = bases.resolve(spec, tile, rank, seed)
+        if rank is not None and rank != spec.rank:
+            raise ValueError(f"rank={rank} contradicts the basis object {spec.name!r} of rank "
+                             f"{spec.rank}; leave rank unset (None) to use the basis's rank, or "
+                             f"pass a basis of rank {rank}")
+        rank = spec.rank
+    rank = DEFAULT_RANK if rank is None else rank
+    bases._check_tile_rank(tile, rank)
+    key = (spec, tile, rank, config.seed, config.row_grouping)
+    if isinstance(spec, STLBasis) or key not in _BASIS_CACHE:
+        basis = _basis_for_grouping(spec, tile, rank, config.seed, config.row_grouping)
+        if basis.rank > tile ** 3:  # checked on the result: "strassen"/"naive" fix their rank
+            raise ValueError(f"rank={basis.rank} exceeds tile**3={tile ** 3}, the rank of the "
+                             f"exact naive basis: STL would cost more than the dense product; "
+                             f"use rank <= {tile ** 3} (basis='naive' is exact at {tile ** 3})")
+        if isinstance(spec, STLBasis):
+            return basis
+        _BASIS_CACHE[key] = basis
     return _BASIS_CACHE[key]
+
+
+def _basis_for_grouping(spec: STLBasis | str, tile: int, rank: int, seed: int,
+                        row_grouping: str) -> STLBasis:
+    if row_grouping != "batch":
+        return bases.resolve(spec, tile, rank, seed)
+    if spec == "fitted":  # the default: the one kind of inexact basis that keeps rows apart
+        return row_separable(tile, rank)
+    basis = bases.resolve(spec, tile, rank, seed)
+    if not is_row_separable(basis):
+        raise ValueError(row_mixing_message(basis))
+    return basis
 
 
 def _basis_to_dict(basis: STLBasis | str) -> Any:

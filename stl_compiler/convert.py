@@ -7,12 +7,19 @@ training with STL and per-layer calibration, where plain modules are easiest to 
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from .config import STLConfig
+from .functional import dense_bytes, dense_flops, stl_bytes, stl_flops
 from .nn import STLLinear
 
-__all__ = ["swap_linears_"]
+__all__ = ["swap_linears_", "COST_ROWS"]
+
+#: Input rows at which swap_linears_ evaluates a layer's cost (no example input here; the
+#: FLOP ratio of a linear layer does not depend on the rows beyond padding).
+COST_ROWS = 4096
 
 
 def swap_linears_(model: nn.Module, config: STLConfig | None = None, *,
@@ -20,37 +27,79 @@ def swap_linears_(model: nn.Module, config: STLConfig | None = None, *,
     """Replace every ``nn.Linear`` of ``model`` that the config selects, in place.
 
     Each layer is encoded from its trained weight with the basis of its site (so an exact
-    basis keeps the model's outputs); ``config.filter_fn(fqn, module)``, ``overrides`` and
-    ``min_dim`` (on in/out features) apply as in :func:`stl_compile`. ``keep_reference``
-    keeps each dense weight attached for :func:`stl_compiler.calibrate`.
+    basis keeps the model's outputs); ``config.filter_fn(module, fqn)``, ``overrides``,
+    ``min_dim`` (on in/out features) and the cost guard (``max_cost_ratio``,
+    ``max_bytes_ratio``, evaluated for :data:`COST_ROWS` input rows) apply as in
+    :func:`stl_compile`. ``keep_reference`` keeps each dense weight attached for
+    :func:`stl_compiler.calibrate`. Layers that already are :class:`STLLinear` are kept as
+    they are (never re-encoded: they may be calibrated or trained), reported as such and
+    named in a warning when the config would convert them differently.
 
     Returns:
-        ``{fqn: "converted" | reason it was kept dense}`` for every ``nn.Linear`` found.
+        ``{fqn: "converted" | "skipped: <reason>" | "kept: <reason>"}`` for every
+        ``nn.Linear`` and ``STLLinear`` found.
     """
     config = config or STLConfig()
     outcome: dict[str, str] = {}
     for fqn, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or isinstance(module, STLLinear):
-            continue
-        spec = config.site_spec(fqn)
-        if module is model:
-            outcome[fqn] = ("skipped: the model itself is an nn.Linear and cannot be swapped in "
-                            "place; use STLLinear.from_linear")
-        elif "linear" not in config.targets:
-            outcome[fqn] = "skipped: 'linear' not in config.targets"
-        elif spec is None:
-            outcome[fqn] = "skipped: override says skip"
-        elif config.filter_fn is not None and not config.filter_fn(fqn, module):
-            outcome[fqn] = "skipped: filtered by filter_fn"
-        elif min(module.in_features, module.out_features) < config.min_dim:
-            outcome[fqn] = f"skipped: too small (a dim < min_dim={config.min_dim})"
-        elif not config.pad and (module.in_features % spec.tile or module.out_features % spec.tile):
-            outcome[fqn] = f"skipped: dims not multiples of tile {spec.tile} and pad=False"
-        else:
-            layer = STLLinear.from_linear(module, spec.basis, row_grouping=config.row_grouping,
-                                          train_basis=train_basis,
-                                          keep_reference=keep_reference)
-            parent_name, _, child = fqn.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
-            outcome[fqn] = "converted"
+        if isinstance(module, STLLinear):
+            outcome[fqn] = (f"kept: already an STLLinear (tile {module.tile}, rank "
+                            f"{module.rank}); converted layers are never re-converted")
+        elif isinstance(module, nn.Linear):
+            outcome[fqn] = _swap_one(model, fqn, module, config, train_basis, keep_reference)
+    _warn_already_converted(model, config, outcome)
+    unused = config.unused_overrides(outcome)
+    if unused:
+        warnings.warn(f"swap_linears_: override pattern(s) {unused} match no linear layer of "
+                      f"the model; check the names (module paths, fnmatch syntax)", stacklevel=2)
     return outcome
+
+
+def _swap_one(model: nn.Module, fqn: str, module: nn.Linear, config: STLConfig,
+              train_basis: bool, keep_reference: bool) -> str:
+    spec = config.site_spec(fqn)
+    k, m = module.in_features, module.out_features
+    if module is model:
+        return ("skipped: the model itself is an nn.Linear and cannot be swapped in place; use "
+                "STLLinear.from_linear")
+    if "linear" not in config.targets_for():
+        return "skipped: 'linear' not in config.targets"
+    if spec is None:
+        return "skipped: override says skip"
+    if config.filter_fn is not None and not config.filter_fn(module, fqn):
+        return "skipped: filtered by filter_fn"
+    if min(k, m) < config.min_dim:
+        return f"skipped: too small (a dim < min_dim={config.min_dim})"
+    if not config.pad and (k % spec.tile or m % spec.tile):
+        return f"skipped: dims not multiples of tile {spec.tile} and pad=False"
+    itemsize = module.weight.element_size()
+    cost = config.cost_reason(
+        dense_flops(COST_ROWS, k, m), stl_flops(COST_ROWS, k, m, spec.tile, spec.rank),
+        dense_bytes(COST_ROWS, k, m, itemsize=itemsize),
+        stl_bytes(COST_ROWS, k, m, spec.tile, spec.rank, itemsize=itemsize))
+    if cost:
+        return f"skipped: {cost}"
+    layer = STLLinear.from_linear(module, spec.basis, row_grouping=config.row_grouping,
+                                  train_basis=train_basis, keep_reference=keep_reference)
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, layer)
+    return "converted"
+
+
+def _warn_already_converted(model: nn.Module, config: STLConfig, outcome: dict[str, str]
+                            ) -> None:
+    """Name the STLLinear layers whose tile/rank/grouping differ from what config asks."""
+    differing = []
+    for fqn, result in outcome.items():
+        spec = config.site_spec(fqn) if result.startswith("kept") else None
+        layer = model.get_submodule(fqn) if spec is not None else None
+        if layer is not None and ((layer.tile, layer.rank, layer.row_grouping)
+                                  != (spec.tile, spec.rank, config.row_grouping)):
+            differing.append(f"{fqn or '<model>'} (tile {layer.tile}, rank {layer.rank}, "
+                             f"{layer.row_grouping!r}; config asks tile {spec.tile}, rank "
+                             f"{spec.rank}, {config.row_grouping!r})")
+    if differing:
+        shown = "; ".join(differing[:5]) + (" ..." if len(differing) > 5 else "")
+        warnings.warn(f"swap_linears_: {len(differing)} layer(s) are already STL and are kept as "
+                      f"they are: {shown}. To change them, convert the dense model again",
+                      stacklevel=3)

@@ -11,6 +11,7 @@ from .tiling import pad_last2, round_up
 
 __all__ = [
     "stl_matmul", "stl_product", "stl_matmul_reference", "stl_flops", "dense_flops",
+    "stl_bytes", "dense_bytes",
     "check_operand", "check_matmul_operands",
 ]
 
@@ -112,3 +113,24 @@ def stl_flops(n: int, k: int, m: int, tile: int, rank: int, *, encode_w: bool = 
 def dense_flops(n: int, k: int, m: int) -> int:
     """FLOPs of a dense ``(n×k)·(k×m)`` matmul: ``2nkm``."""
     return 2 * n * k * m
+
+
+def stl_bytes(n: int, k: int, m: int, tile: int, rank: int, *, encode_w: bool = False,
+              itemsize: int = 4) -> int:
+    """Bytes the unfused STL product of ``(n×k)·(k×m)`` moves (docs/math.md, "Bytes model").
+
+    Read X (n·k), write and read the encoded X (r·n·k/t² each way), read the encoded W
+    (r·k·m/t²), write and read the r products (r·n·m/t² each way), write Y (n·m); with
+    ``encode_w`` also read W (k·m) and write its encoding (r·k·m/t²). Dims padded to the tile.
+    """
+    npad, kpad, mpad = (round_up(v, tile) for v in (n, k, m))
+    xh = rank * npad * kpad // tile**2
+    wh = rank * kpad * mpad // tile**2
+    yh = rank * npad * mpad // tile**2
+    words = n * k + 2 * xh + wh + 2 * yh + n * m + (k * m + wh if encode_w else 0)
+    return words * itemsize
+
+
+def dense_bytes(n: int, k: int, m: int, *, itemsize: int = 4) -> int:
+    """Bytes a dense ``(n×k)·(k×m)`` matmul moves: read X and W, write Y."""
+    return (n * k + k * m + n * m) * itemsize

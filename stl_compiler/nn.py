@@ -14,7 +14,14 @@ from .functional import (
     stl_product,
 )
 from .runtime.ops import decode, decode_epilogue, encode
-from .tiling import check_row_grouping, group_rows, round_up, ungroup_rows
+from .tiling import (
+    check_row_grouping,
+    group_rows,
+    is_row_separable,
+    round_up,
+    row_mixing_message,
+    ungroup_rows,
+)
 
 __all__ = ["STLLinear", "STLMatmul"]
 
@@ -36,7 +43,9 @@ class STLLinear(nn.Module):
             sequence (dim -2 of the input). ``"batch"``: the same position in t sequences (all
             leading dims are sequences; a 2-D input is N sequences of length 1). With an
             inexact basis, an output row depends on the other rows of its tile: "batch" is the
-            causality-safe choice for autoregressive decoders.
+            causality-safe choice for autoregressive decoders, and it takes only row-separable
+            bases (:func:`~stl_compiler.tiling.is_row_separable`), which keep the sequences
+            of a tile independent; :meth:`load_basis` raises ValueError for any other.
         train_basis: when False, ``ex`` and ``d`` are frozen (``requires_grad=False``).
     """
 
@@ -99,10 +108,15 @@ class STLLinear(nn.Module):
 
     @torch.no_grad()
     def load_basis(self, basis: STLBasis, weight_t: Tensor) -> None:
-        """Set ``ex``, ``d`` from ``basis`` and encode ``weight_t (K, M)`` with ``basis.ew``."""
+        """Set ``ex``, ``d`` from ``basis`` and encode ``weight_t (K, M)`` with ``basis.ew``.
+
+        With ``row_grouping="batch"`` the basis must be row-separable (ValueError otherwise).
+        """
         if (basis.tile, basis.rank) != (self.tile, self.rank):
             raise ValueError(f"basis has tile={basis.tile}, rank={basis.rank}; this layer has "
                              f"tile={self.tile}, rank={self.rank}")
+        if self.row_grouping == "batch" and not is_row_separable(basis):
+            raise ValueError(row_mixing_message(basis))
         ex, ew, d = basis.to(torch.float64, weight_t.device)
         self.weight_encoded.copy_(encode(weight_t.double(), ew, self.tile))
         self.ex.copy_(ex)
@@ -128,6 +142,13 @@ class STLLinear(nn.Module):
                                 rows.shape[-2], self.out_features)
         y = ungroup_rows(y, x, self.row_grouping)
         return y.squeeze(0) if squeeze else y
+
+    @property
+    def rows_isolated(self) -> bool:
+        """Whether each sequence's output is independent of the other sequences batched with
+        it: always with "tokens" grouping; with "batch" only while ``ex`` and ``d`` stay
+        row-separable (training or calibrating them can break that)."""
+        return self.row_grouping == "tokens" or is_row_separable(self)
 
     def flop_ratio(self, rows: int = 4096) -> float:
         """STL FLOPs over dense FLOPs for ``rows`` input rows."""

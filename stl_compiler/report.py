@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["SiteRow", "BoundaryRow", "STLReport"]
+__all__ = ["SiteRow", "BoundaryRow", "STLReport", "WIDTH"]
+
+#: the report's line width (a 100-column terminal)
+WIDTH = 100
+_NAME_WIDTH = 32
 
 
 @dataclass
@@ -24,9 +29,13 @@ class SiteRow:
     rank: int | None = None
     basis: str | None = None
     dense_flops: int = 0
-    stl_flops: int = 0
+    stl_flops: int = 0  # what STL costs (or would cost, for a site kept dense by the guard)
     rel_error: float | None = None  # ‖STL − dense‖ / ‖dense‖ on the example inputs
     calls: int = 1  # call sites sharing these parameters
+    dense_bytes: int = 0  # bytes model of docs/math.md
+    stl_bytes: int = 0
+    isolated: bool | None = None  # sequences batched together stay independent (converted)
+    preconverted: bool = False  # an STLLinear the model already held (calibrated, trained)
 
 
 @dataclass
@@ -48,9 +57,11 @@ class STLReport:
     boundaries: list[BoundaryRow] = field(default_factory=list)
     model_rel_error: float | None = None
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    row_grouping: str | None = None  # the config's; pre-converted layers keep their own
 
     @property
     def converted(self) -> list[SiteRow]:
+        """Sites that run STL: converted now or already STL in the model."""
         return [s for s in self.sites if s.converted]
 
     @property
@@ -58,9 +69,16 @@ class STLReport:
         return [s for s in self.sites if not s.converted]
 
     def flops(self) -> tuple[int, int]:
-        """(dense FLOPs of all sites, FLOPs after conversion) on the example inputs."""
+        """(FLOPs of every matmul site run dense, FLOPs as compiled) on the example inputs;
+        pre-converted STL layers count at the dense layer they replace and at their STL cost."""
         dense = sum(s.dense_flops for s in self.sites)
         after = sum(s.stl_flops if s.converted else s.dense_flops for s in self.sites)
+        return dense, after
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """(bytes all sites move run dense, bytes as compiled), unfused (docs/math.md)."""
+        dense = sum(s.dense_bytes for s in self.sites)
+        after = sum(s.stl_bytes if s.converted else s.dense_bytes for s in self.sites)
         return dense, after
 
     @property
@@ -75,45 +93,110 @@ class STLReport:
         return json.dumps(data, **kwargs)
 
     def __str__(self) -> str:
-        lines = []
+        lines: list[str] = []
         if not self.converted:
-            lines.append("!!! NOTHING WAS CONVERTED: the model runs fully dense. Reasons below; "
-                         "see STLConfig (targets, min_dim, filter_fn, overrides). !!!")
-        width = max([len(s.name) for s in self.sites] + [4])
-        header = f"{'site':<{width}} {'kind':<6} {'shape (x @ w)':<26} {'t/r':<6} " \
-                 f"{'FLOPs':>8} {'rel.err':>8}  status"
-        lines += [header, "-" * len(header)]
+            lines += _wrap("!!! NOTHING WAS CONVERTED: the model runs fully dense. Reasons below; "
+                           "see STLConfig (targets, min_dim, max_cost_ratio, filter_fn, "
+                           "overrides). !!!")
+        width = min(max([len(s.name) for s in self.sites] + [4]), _NAME_WIDTH)
+        header = (f"{'site':<{width}} {'kind':<6} {'shape (x @ w)':<21} {'t/r':<6} "
+                  f"{'FLOPs':>6} {'rel.err':>8}  status")
+        rule = "-" * min(max(len(header) + 10, 60), WIDTH)
+        lines += [header, rule]
         for s in self.sites:
-            shape = f"{_fmt(s.x_shape)}@{_fmt(s.w_shape)}"
+            shape = _abbreviate(f"{_fmt(s.x_shape)}@{_fmt(s.w_shape)}", 21)
             tr = f"{s.tile}/{s.rank}" if s.converted else "-"
-            ratio = f"{s.stl_flops / s.dense_flops:.2f}x" if s.converted and s.dense_flops else "-"
+            ratio = f"{s.stl_flops / s.dense_flops:.2f}x" if s.stl_flops and s.dense_flops \
+                else "-"
             err = f"{s.rel_error:.2e}" if s.rel_error is not None else "-"
-            status = "STL" if s.converted else f"dense: {s.reason}"
+            status = ("STL (already)" if s.preconverted else "STL") if s.converted else "dense"
+            if s.converted and s.isolated is False:
+                status += ", rows mix"
             if s.calls > 1:
-                status += f" (shared by {s.calls} calls)"
-            lines.append(f"{s.name:<{width}} {s.kind:<6} {shape[:26]:<26} {tr:<6} {ratio:>8} "
-                         f"{err:>8}  {status}")
+                status += f", {s.calls} calls"
+            lines.append(f"{_abbreviate(s.name, width):<{width}} {s.kind:<6} {shape:<21} "
+                         f"{tr:<6} {ratio:>6} {err:>8}  {status}")
+            if s.reason:
+                lines += _wrap(s.reason, indent="    ")
+        lines.append(rule)
+        lines += _wrap("legend: '-' = not applicable (t/r: site left dense; FLOPs: cost not "
+                       "computed, the site was excluded before costing; rel.err: not measured). "
+                       "FLOPs = STL / dense FLOPs of the site (for a dense site, what STL "
+                       "would cost). rel.err = |STL - dense| / |dense| on the example inputs.")
+        lines += self._headline()
+        if self.boundaries:
+            lines += self._boundary_lines()
+        return "\n".join(lines)
+
+    def _headline(self) -> list[str]:
+        now = sum(1 for s in self.sites if s.converted and not s.preconverted)
+        already = sum(1 for s in self.sites if s.preconverted)
         dense, after = self.flops()
-        lines.append("-" * len(header))
-        lines.append(f"{len(self.converted)} of {len(self.sites)} sites converted; matmul FLOPs "
-                     f"{dense / 1e6:.2f}M -> {after / 1e6:.2f}M ({self.flop_ratio:.3f}x)")
+        bytes_dense, bytes_after = self.bytes_moved()
+        text = (f"{now + already} of {len(self.sites)} matmul sites converted ({now} now, "
+                f"{already} already STL in the model); whole model's matmul FLOPs "
+                f"{_si(dense)} -> {_si(after)} ({self.flop_ratio:.3f}x)")
+        if bytes_dense:
+            text += (f", bytes moved {_si(bytes_dense, 'B')} -> {_si(bytes_after, 'B')} "
+                     f"({bytes_after / bytes_dense:.2f}x, unfused)")
+        lines = _wrap(text)
+        if self.row_grouping is not None:
+            lines += _wrap(self._isolation_line())
         if self.model_rel_error is not None:
             lines.append(f"model output rel. error added by this conversion on the example "
                          f"inputs: {self.model_rel_error:.3e}")
-        if self.boundaries:
-            edges = []
-            for b in self.boundaries:
-                shown = ", ".join(b.consumers[:3])
-                more = f" (+{len(b.consumers) - 3})" if len(b.consumers) > 3 else ""
-                edges.append(f"{b.producer} -> {shown}{more}")
-            width = max(len("boundary (producer -> consumers)"), *map(len, edges))
-            lines.append("")
-            lines.append(f"{'boundary (producer -> consumers)':<{width}} {'fusion':<12} "
-                         f"{'bytes saved':>12}  note")
-            for edge, b in zip(edges, self.boundaries):
-                lines.append(f"{edge:<{width}} {b.kind:<12} {b.bytes_saved:>12}  {b.reason}")
-        return "\n".join(lines)
+        return lines
+
+    def _isolation_line(self) -> str:
+        rows = ("t consecutive positions of one sequence" if self.row_grouping == "tokens"
+                else "the same position of t different sequences")
+        mixing = [s.name for s in self.converted if s.isolated is False]
+        if not mixing:
+            verdict = "rows isolated: yes, each sequence's output is independent of its batch"
+        else:
+            verdict = (f"rows isolated: NO, {len(mixing)} STL site(s) mix the sequences of a "
+                       f"tile ({', '.join(mixing[:3])}{' ...' if len(mixing) > 3 else ''}: "
+                       f"'batch' grouping with ex/d that are not row-separable)")
+        return f"row_grouping={self.row_grouping!r} (a tile's rows are {rows}); {verdict}"
+
+    def _boundary_lines(self) -> list[str]:
+        edges = []
+        for b in self.boundaries:
+            shown = ", ".join(b.consumers[:3])
+            more = f" (+{len(b.consumers) - 3})" if len(b.consumers) > 3 else ""
+            edges.append(_abbreviate(f"{b.producer} -> {shown}{more}", 56))
+        width = max(len("boundary (producer -> consumers)"), *map(len, edges))
+        lines = ["", f"{'boundary (producer -> consumers)':<{width}} {'fusion':<11} "
+                     f"{'bytes saved':>11}  note"]
+        for edge, b in zip(edges, self.boundaries):
+            row = f"{edge:<{width}} {b.kind:<11} {b.bytes_saved:>11}"
+            if b.reason and len(row) + 2 + len(b.reason) <= WIDTH:
+                lines.append(f"{row}  {b.reason}")
+            else:
+                lines.append(row)
+                lines += _wrap(b.reason, indent="    ") if b.reason else []
+        return lines
 
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
+
+
+def _abbreviate(text: str, width: int) -> str:
+    """``text`` cut to ``width`` in the middle ("encoder.lay...query"), ends kept readable."""
+    if len(text) <= width:
+        return text
+    head = (width - 3) // 2
+    return f"{text[:head]}...{text[len(text) - (width - 3 - head):]}"
+
+
+def _wrap(text: str, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent or "  ",
+                         break_long_words=True, break_on_hyphens=False)
+
+
+def _si(value: float, unit: str = "") -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.2f}{prefix}{unit}"
+    return f"{value:.0f}{unit}"

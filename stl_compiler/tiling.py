@@ -1,13 +1,23 @@
-"""Tiles, padding and row grouping, in plain aten ops (traceable, exportable)."""
+"""Tiles, padding and row grouping, in plain aten ops (traceable, exportable); which bases
+keep the rows of a tile isolated (:func:`is_row_separable`, :func:`row_separable`)."""
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .bases import STLBasis, _check_tile_rank
+
 ROW_GROUPINGS = ("tokens", "batch")
+
+
+class _HasBasisRows(Protocol):
+    tile: int
+    ex: torch.Tensor
+    d: torch.Tensor
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -76,3 +86,66 @@ def padded_rows(shape: tuple[int, ...], tile: int, row_grouping: str) -> int:
         return round_up(seq, tile) * math.prod(batch)
     *batch, seq = leading
     return round_up(math.prod(batch), tile) * seq
+
+
+def is_row_separable(basis: _HasBasisRows, tol: float = 1e-6) -> bool:
+    """Whether no product term of ``basis`` reads or writes two rows of a tile.
+
+    ``basis`` is anything with ``tile``, ``ex`` and ``d`` (an :class:`STLBasis`, an
+    ``STLLinear``, an ``STLMatmul``). Term p reads the rows where ``ex[p]`` is nonzero and
+    writes the rows where ``d[p]`` is nonzero; entries below ``tol`` times the largest entry of
+    their matrix count as zero. With such a basis an output row depends on its own input row
+    only, so ``row_grouping="batch"`` keeps batched sequences independent.
+    """
+    t = basis.tile
+    reads, writes = (rows_touched(m.detach(), t, tol) for m in (basis.ex, basis.d))
+    active = reads.any(1) & writes.any(1)  # a term with zero ex or zero d contributes nothing
+    return bool(((reads | writes).sum(1)[active] <= 1).all())
+
+
+def rows_touched(matrix: torch.Tensor, tile: int, tol: float) -> torch.Tensor:
+    """``(rank, tile)`` bool: which tile rows each term's row-major vector has entries in."""
+    magnitude = matrix.double().abs()
+    cutoff = tol * float(magnitude.max()) if magnitude.numel() else 0.0
+    return (magnitude.reshape(-1, tile, tile) > cutoff).any(-1)
+
+
+def row_mixing_message(basis: STLBasis | _HasBasisRows) -> str:
+    """The error for a basis that would mix the sequences of a ``row_grouping="batch"`` tile."""
+    t = basis.tile
+    label = f"basis {basis.name!r}" if isinstance(basis, STLBasis) else "this basis"
+    return (f"row_grouping='batch' puts the same position of {t} different sequences in one "
+            f"tile, and {label} has product terms that read or write two tile rows, so each "
+            f"sequence's output would depend on the sequences batched with it. Use "
+            f"basis='fitted' (resolved to the row-separable basis of the rank), basis='naive' "
+            f"(exact, rank {t ** 3}), a row-separable basis "
+            f"(stl_compiler.tiling.row_separable(tile, rank)), or row_grouping='tokens'")
+
+
+def row_separable(tile: int, rank: int) -> STLBasis:
+    """The row-separable basis of ``rank`` (a multiple of ``tile``): ``rank/t`` terms per tile
+    row, each reading one entry ``X[a, l]`` and writing one entry ``Y[a, j]`` of row ``a``.
+
+    It is the exact naive basis (rank t³) restricted to the same ``rank/t`` of the t² weight
+    positions ``(l, j)`` in every row, taken diagonal by diagonal (``j = l + k mod t``, k = 0,
+    1, ...) so the kept positions spread over all rows and columns of the weight tile. Term
+    ``p`` serves row ``p // (rank/t)``, the layout of ``stl_compiler.fit.row_separable_basis``.
+    Exact at rank t³; below, each weight tile keeps ``rank/t`` of its t² entries, so ``alpha``
+    (Gaussian tiles) is ``(t³ − rank)/t²``: calibrate the layers (``stl_compiler.calibrate``)
+    to recover accuracy. This is what ``STLConfig(row_grouping="batch")`` uses for its default
+    basis, because any other term mixes the unrelated sequences batched into one tile.
+    """
+    _check_tile_rank(tile, rank)
+    t = tile
+    if rank % t or rank > t ** 3:
+        raise ValueError(f"a row-separable basis of tile {t} needs a rank that is a multiple of "
+                         f"{t} and at most {t ** 3}, got rank={rank}; use rank="
+                         f"{min(max(t, rank - rank % t), t ** 3)}")
+    per = rank // t
+    ex, ew, d = (torch.zeros(rank, t * t, dtype=torch.float64) for _ in range(3))
+    for a in range(t):
+        for j in range(per):
+            p, offset, l = a * per + j, j // t, j % t
+            col = (l + offset) % t
+            ex[p, a * t + l] = ew[p, l * t + col] = d[p, a * t + col] = 1.0
+    return STLBasis(t, rank, ex, ew, d, name=f"row-separable{t}", alpha=(t ** 3 - rank) / t ** 2)

@@ -83,3 +83,29 @@ CASES = {
     "hf_vit": Case("hf_vit", _hf_vit, lambda b, s: (torch.randn(b, 3, 32, 32),),
                    uses_sdpa=True),
 }
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # bos/eos inside the tiny vocabulary (transformers warns about the default 50256)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2,
+                                      n_positions=64, bos_token_id=0, eos_token_id=0,
+                                      use_cache=False))
+
+
+def _hf_swin() -> nn.Module:
+    from transformers import SwinConfig, SwinModel
+
+    # 32x32 images, 2x2 patches, 4x4 windows: 16x16 then 8x8 tokens, shifted windows in both
+    return SwinModel(SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[1, 1],
+                                num_heads=[2, 2], window_size=4, mlp_ratio=2.0))
+
+
+#: Models that only the dynamic-shape tests use (tests/test_dynamic_shapes.py): they
+#: specialized batch 1 away before (transformers' masking guards ``batch != 1``).
+SERVING_CASES = {
+    "gpt2": Case("gpt2", _gpt2, lambda b, s: (_tokens(b, s),), uses_sdpa=True),
+    "hf_swin": Case("hf_swin", _hf_swin, lambda b, s: (torch.randn(b, 3, 32, 32),),
+                    uses_sdpa=True),
+}

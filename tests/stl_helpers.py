@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stl_compiler import bases
+from stl_compiler import STLConfig, bases
 
 #: Exact bases small enough for fast tests (strassen(8) has rank 343, still cheap at tiny sizes).
 EXACT_BASES = {
@@ -14,7 +14,15 @@ EXACT_BASES = {
     "naive3": lambda: bases.naive(3),
     "naive4": lambda: bases.naive(4),
     "strassen4-pruned49": lambda: bases.pruned(bases.strassen(4), 49),
+    "dps48": lambda: bases.dps48(),
 }
+
+
+def tiny_config(**fields) -> STLConfig:
+    """An :class:`STLConfig` for the tests' tiny models: sites from 8 wide, cost guard off
+    (at these widths STL costs more FLOPs than dense, so the guard would keep every site
+    dense; these tests check conversion mechanics, not cost)."""
+    return STLConfig(**{"min_dim": 8, "max_cost_ratio": None, **fields})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -35,7 +35,8 @@ def _outputs(model, compiled, case, size):
 @pytest.mark.parametrize("name", list(CASES))
 def test_exact_basis_reproduces_the_model(name, backend):
     case = CASES[name]
-    config = STLConfig(basis="strassen", min_dim=8, decompose_sdpa=case.uses_sdpa)
+    config = STLConfig(basis="strassen", min_dim=8, max_cost_ratio=None,
+                       decompose_sdpa=case.uses_sdpa)
     model, compiled = _compile(case, config, backend)
     report = compiled.stl_report
     assert report.converted, str(report)
@@ -48,7 +49,8 @@ def test_exact_basis_reproduces_the_model(name, backend):
 @pytest.mark.parametrize("name", ["mlp", "vit", "llama", "bert", "hf_vit", "decoder"])
 def test_rank24_converts_every_linear_and_attention_matmul(name):
     case = CASES[name]
-    config = STLConfig(rank=24, basis="random", min_dim=8, decompose_sdpa=case.uses_sdpa)
+    config = STLConfig(rank=24, basis="random", min_dim=8, max_cost_ratio=None,
+                       decompose_sdpa=case.uses_sdpa)
     model, compiled = _compile(case, config, "eager")
     report = compiled.stl_report
     linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -91,7 +93,8 @@ def test_training_backward_and_optimizer_step(backend):
     model = case.build()
     images = torch.randn(4, 3, 16, 16)
     labels = torch.randint(0, 10, (4,))
-    compiled = stl_compile(model, (images,), STLConfig(basis="random", min_dim=8),
+    compiled = stl_compile(model, (images,),
+                           STLConfig(basis="random", min_dim=8, max_cost_ratio=None),
                            backend=backend)
     params = dict(compiled.named_parameters())
     stl_params = {n: p for n, p in params.items()
@@ -142,7 +145,7 @@ class SharedLayer(nn.Module):
 def test_shared_weight_is_converted_once_and_functional_linear_is_converted():
     model = SharedLayer().eval()
     x = torch.randn(2, 8, 32)
-    compiled = stl_compile(model, (x,), STLConfig(basis="strassen", min_dim=8),
+    compiled = stl_compile(model, (x,), STLConfig(basis="strassen", min_dim=8, max_cost_ratio=None),
                            backend="eager")
     sites = {s.name: s for s in compiled.stl_report.sites}
     assert sites["proj"].converted and sites["proj"].calls == 2
@@ -168,7 +171,7 @@ class WithConvAndEinsum(nn.Module):
 def test_unsupported_ops_stay_dense_and_are_reported():
     model = WithConvAndEinsum().eval()
     x = torch.randn(2, 8, 16)
-    compiled = stl_compile(model, (x,), STLConfig(basis="strassen", min_dim=8),
+    compiled = stl_compile(model, (x,), STLConfig(basis="strassen", min_dim=8, max_cost_ratio=None),
                            backend="eager")
     rows = {s.op: s for s in compiled.stl_report.sites}
     assert not rows["aten.conv1d"].converted
@@ -190,9 +193,14 @@ def test_nothing_converted_says_so_loudly():
 def test_overrides_filter_and_min_dim():
     model = CASES["mlp"].build().eval()
     x = torch.randn(2, 8, 32)
-    config = STLConfig(basis="random", min_dim=8, overrides={"layers.1": "skip",
-                                                            "layers.2": {"rank": 8}},
-                       filter_fn=lambda fqn, node: fqn != "layers.0")
+    seen = {}
+
+    def keep(module, fqn):
+        seen[fqn] = module
+        return fqn != "layers.0"
+
+    config = STLConfig(basis="random", min_dim=8, max_cost_ratio=None,
+                       overrides={"layers.1": "skip", "layers.2": {"rank": 8}}, filter_fn=keep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = stl_compile(model, (x,), config, backend="eager")
@@ -200,11 +208,13 @@ def test_overrides_filter_and_min_dim():
     assert sites["layers.0"].reason == "filtered by filter_fn"
     assert sites["layers.1"].reason == "skipped by an override"
     assert sites["layers.2"].converted and sites["layers.2"].rank == 8
+    # torchao's order: the user's own nn.Linear, not a captured stand-in
+    assert seen["layers.0"] is model.layers[0]
 
 
 def test_batch_row_grouping_keeps_attention_dense():
     case = CASES["decoder"]
-    config = STLConfig(basis="random", min_dim=8, decompose_sdpa=True, row_grouping="batch")
+    config = STLConfig(min_dim=8, max_cost_ratio=None, decompose_sdpa=True, row_grouping="batch")
     _, compiled = _compile(case, config, "eager")
     matmuls = [s for s in compiled.stl_report.sites if s.kind == "matmul"]
     assert matmuls and all("causality" in s.reason for s in matmuls)
@@ -256,8 +266,9 @@ def test_layers_already_converted_are_kept_and_reported():
     x = torch.randn(2, 8, 32)
     with torch.no_grad():
         dense = model(x)
-    swap_linears_(model, STLConfig(basis="strassen", min_dim=8))
-    compiled = stl_compile(model, (x,), STLConfig(basis="strassen", min_dim=8),
+    config = STLConfig(basis="strassen", min_dim=8, max_cost_ratio=None)
+    swap_linears_(model, config)
+    compiled = stl_compile(model, (x,), config,
                            backend="eager")
     report = compiled.stl_report
     assert [s.name for s in report.sites] == ["layers.0", "layers.1", "layers.2"]
@@ -272,8 +283,122 @@ def test_dynamic_sizes_hold_below_one_tile_and_above_the_example(name):
     # example batch 2 x seq 8; a sequence of 4 is a single tile and a batch of 9 is > 4x the
     # example: neither may be specialized away by the capture
     case = CASES[name]
-    config = STLConfig(basis="strassen", min_dim=8, decompose_sdpa=case.uses_sdpa)
+    config = STLConfig(basis="strassen", min_dim=8, max_cost_ratio=None,
+                       decompose_sdpa=case.uses_sdpa)
     model, compiled = _compile(case, config, "eager")
     for size in ((3, 4), (9, 13), (5, 7)):
         out, ref = _outputs(model, compiled, case, size)
         assert rel_err(out, ref) < 1e-4, size
+
+
+# --- entry-point checks ------------------------------------------------------------------
+
+def _linear():
+    return nn.Linear(32, 32).eval()
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, *, hidden):
+        return self.proj(hidden)
+
+
+def test_dynamic_shapes_must_be_auto_none_or_a_spec():
+    with pytest.raises(ValueError, match=r'dynamic_shapes must be "auto".*None.*spec.*bogus'):
+        stl_compile(_linear(), (torch.randn(2, 32),), dynamic_shapes="bogus", backend="eager")
+    with pytest.raises(ValueError, match="dynamic_shapes must be"):
+        stl_compile(_linear(), (torch.randn(2, 32),), dynamic_shapes=3, backend="eager")
+
+
+def test_example_inputs_that_do_not_fit_forward_name_the_expected_inputs():
+    x = torch.randn(2, 8, 32)
+    with pytest.raises(ValueError, match=r"do not fit Linear\.forward\(input.*example_kwargs"):
+        stl_compile(_linear(), (x, x), backend="eager")
+    with pytest.raises(TypeError, match=r"must be a tuple.*got a list of 1.*tuple\("):
+        stl_compile(_linear(), [x], backend="eager")
+    with pytest.raises(ValueError, match=r"forward\(\*, hidden\).*example_kwargs"):
+        stl_compile(KeywordOnly().eval(), (x,), backend="eager")
+    compiled = stl_compile(KeywordOnly().eval(), (), STLConfig(basis="strassen", min_dim=8,
+                                                                max_cost_ratio=None),
+                           example_kwargs={"hidden": x}, backend="eager")
+    assert compiled.stl_report.converted
+
+
+def test_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Linear(32, 32)
+    with pytest.raises(ValueError, match=r"meta device.*'weight'.*[Ll]oad the weights"):
+        stl_compile(model, (torch.randn(2, 32),), backend="eager")
+
+
+def test_nan_in_the_example_is_refused():
+    x = torch.randn(2, 8, 32)
+    x[1, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"\['input 0'\] contain NaN.*finite"):
+        stl_compile(_linear(), (x,), backend="eager")
+
+
+def test_non_finite_model_output_on_the_example_warns():
+    x = torch.randn(2, 8, 32)
+    x[0, 0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="not finite"):
+        stl_compile(_linear(), (x,), STLConfig(basis="strassen", max_cost_ratio=None),
+                    backend="eager")
+
+
+def test_train_mode_with_dropout_warns_and_eval_mode_does_not():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.1), nn.Linear(32, 32))
+    x = torch.randn(2, 8, 32)
+    config = STLConfig(basis="strassen", max_cost_ratio=None)
+    with pytest.warns(UserWarning, match=r"train\(\) mode.*dropout.*model\.eval\(\)"):
+        stl_compile(model, (x,), config, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stl_compile(model.eval(), (x,), config, backend="eager")
+        # train mode without training-only ops: nothing differs, nothing to say
+        stl_compile(nn.Sequential(nn.Linear(32, 32)), (x,), config, backend="eager")
+
+
+def test_compiling_a_compiled_model_says_it_is_already_stl():
+    x = torch.randn(2, 8, 32)
+    compiled = stl_compile(_linear(), (x,), STLConfig(basis="strassen", max_cost_ratio=None),
+                           backend="eager")
+    with pytest.raises(ValueError, match="already the output of stl_compile"):
+        stl_compile(compiled, (x,), backend="eager")
+
+
+# --- torch.compile options -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [{"mode": "reduce-overhead"}, {"mode": "max-autotune"},
+                                    {"options": {"max_autotune": True}, "dynamic": True},
+                                    {}])
+def test_mode_options_dynamic_reach_torch_compile(monkeypatch, kwargs):
+    seen = {}
+
+    def fake_compile(module, **given):
+        seen.update(given)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    stl_compile(_linear(), (torch.randn(2, 8, 32),), STLConfig(basis="strassen",
+                                                               max_cost_ratio=None), **kwargs)
+    expected = {"backend": "inductor", "mode": None, "options": None, "dynamic": None} | kwargs
+    assert seen == expected
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"mode": "turbo"}, ValueError, r"mode must be None or one of \[.*'reduce-overhead'"),
+    ({"mode": "max-autotune", "options": {"max_autotune": True}}, ValueError,
+     "mode or options, not both"),
+    ({"options": {"no_such_option": 1}}, ValueError, r"unknown Inductor options"),
+    ({"options": "fast"}, TypeError, "options must be a dict"),
+    ({"dynamic": "yes"}, TypeError, "dynamic must be None, True or False"),
+    ({"mode": "reduce-overhead", "backend": "eager"}, ValueError,
+     r"mode apply to backend='inductor'.*'eager'"),
+])
+def test_bad_compile_options_are_refused_before_capture(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        stl_compile(DataDependent(), (torch.randn(2, 16),), **kwargs)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
+from fractions import Fraction
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from stl_helpers import EXACT_BASES
 
 from stl_compiler import bases
 from stl_compiler.bases import STLBasis
+from stl_compiler.functional import stl_matmul
 
 
 def _mats(rank: int, tile: int, dtype=torch.float64):
@@ -181,6 +184,92 @@ def test_repr_names_the_basis():
     assert "strassen2" in text and "tile=2" in text and "rank=7" in text
 
 
+# --- dps48: the published exact rank-48 scheme ------------------------------------------------
+
+_TOOLS = os.path.join(os.path.dirname(__file__), os.pardir, "tools")
+_SHIPPED_DPS48 = [v for v in bases.DPS48_VARIANTS if os.path.exists(
+    os.path.join(os.path.dirname(bases.__file__), "data", f"dps48_t4_{v}.safetensors"))]
+
+
+def _parse_plinopt():
+    spec = importlib.util.spec_from_file_location("parse_plinopt",
+                                                  os.path.join(_TOOLS, "parse_plinopt.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dps48_ships_every_variant():
+    assert _SHIPPED_DPS48 == list(bases.DPS48_VARIANTS)
+
+
+@pytest.mark.parametrize("variant", _SHIPPED_DPS48)
+def test_dps48_tensor_is_exactly_the_4x4_matmul_tensor(variant):
+    basis = bases.dps48(variant)
+    assert (basis.tile, basis.rank, basis.alpha) == (4, 48, 0.0)
+    # all 4096 entries equal, not close: the coefficients are dyadic, so float64 is exact
+    assert torch.equal(basis.tensor(), bases.tile_product_tensor(4))
+
+
+@pytest.mark.parametrize("variant", _SHIPPED_DPS48)
+def test_dps48_stl_matmul_equals_dense(variant):
+    basis = bases.dps48(variant)
+    x = torch.randn(3, 20, 36, dtype=torch.float64)  # padded: 20, 36 and 12 -> tiles of 4
+    w = torch.randn(36, 12, dtype=torch.float64)
+    dense = x @ w
+    scale = float(x.abs().amax() * w.abs().amax()) * 36
+    assert (stl_matmul(x, w, basis) - dense).abs().max() < 1e-13 * scale
+    # a one-term change breaks it: the test can see an inexact basis
+    broken = STLBasis(4, 48, basis.ex, basis.ew, basis.d * (1 + 1e-3 * (torch.arange(48) == 7
+                                                                          )[:, None]))
+    assert (stl_matmul(x, w, broken) - dense).abs().max() > 1e-6 * scale
+
+
+@pytest.mark.parametrize("variant", _SHIPPED_DPS48)
+def test_dps48_file_is_the_parsed_plinopt_data_with_provenance(variant):
+    from safetensors import safe_open
+
+    tool = _parse_plinopt()
+    commit, files = tool.VARIANTS[variant]
+    L, R, P = (tool.product([tool.read_sms(os.path.join(tool.SOURCE, f)) for f in files[m]])
+               for m in "LRP")
+    parsed = tool.to_basis(L, R, P, name="parsed")
+    for ours, theirs in zip(bases.dps48(variant).matrices, parsed.matrices):
+        assert torch.equal(ours, theirs)
+    path = os.path.join(os.path.dirname(bases.__file__), "data", f"dps48_t4_{variant}.safetensors")
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["source_commit"] == commit and "jgdumas/plinopt" in meta["source_repository"]
+    assert "arXiv:2506.13242" in meta["source_paper"] and "CeCILL-B" in meta["licence"]
+
+
+def test_parse_plinopt_reads_sms_and_rejects_inexact_schemes(tmp_path):
+    tool = _parse_plinopt()
+    path = tmp_path / "m.sms"
+    path.write_text("# a comment\n2 3 M\n1 1 -1/8\n2 3 2\n0 0 0\n")
+    assert tool.read_sms(str(path)) == [[Fraction(-1, 8), 0, 0], [0, 0, 2]]
+    path.write_text("2 3 M\n3 1 1\n0 0 0\n")
+    with pytest.raises(ValueError, match="outside a 2x3 matrix"):
+        tool.read_sms(str(path))
+    path.write_text("2 3 M\n1 1 1\n")
+    with pytest.raises(ValueError, match="terminating"):
+        tool.read_sms(str(path))
+    naive = bases.naive(4)
+    L, R, P = ([[Fraction(int(v)) for v in row] for row in m.tolist()]
+               for m in (naive.ex, naive.ew, naive.d.T))
+    tool.check_exact(L, R, P)  # the naive rank-64 scheme is exact
+    P[5][9] += 1
+    with pytest.raises(ValueError, match="not an exact scheme"):
+        tool.check_exact(L, R, P)
+
+
+def test_dps48_errors():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        bases.dps48("complex")
+    with pytest.raises(ValueError, match="4x4 tile scheme, config asks for tile 2"):
+        bases.resolve("dps48", 2, 48)
+
+
 # --- resolve / fitted ----------------------------------------------------------------------
 
 def test_resolve_names():
@@ -188,6 +277,7 @@ def test_resolve_names():
     assert bases.resolve("naive", 3, 5).rank == 27
     assert bases.resolve("strassen-pruned", 4, 20).rank == 20
     assert bases.resolve("random", 4, 6).rank == 6
+    assert bases.resolve("dps48", 4, 24).rank == 48  # exact: its rank is fixed, like strassen
     basis = bases.random(2, 3)
     assert bases.resolve(basis, 2, 99) is basis
 
@@ -220,6 +310,21 @@ def test_save_load_round_trip(tmp_path, alpha):
     for a, b in zip(loaded.matrices, basis.matrices):
         assert torch.equal(a, b) and a.dtype == torch.float64
     bases.load(str(path))  # str paths work too
+
+
+def test_save_keeps_extra_metadata_and_protects_its_own_keys(tmp_path):
+    from safetensors import safe_open
+
+    basis = bases.strassen(2)
+    path = tmp_path / "basis.safetensors"
+    basis.save(path, metadata={"licence": "mine"})
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["licence"] == "mine"
+    assert bases.load(path).name == "strassen2"
+    with pytest.raises(ValueError, match=r"metadata keys \['rank'\] are reserved"):
+        basis.save(path, metadata={"rank": "3"})
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        basis.save(path, metadata={"year": 2025})
 
 
 def test_load_missing_file(tmp_path):

@@ -17,7 +17,10 @@ def test_site_spec_defaults():
     config = STLConfig(basis="random", tile=4, rank=12)
     spec = config.site_spec("blocks.0.fc1")
     assert (spec.tile, spec.rank, spec.basis.rank) == (4, 12, 12)
-    assert config.targets == frozenset({"linear", "matmul"})
+    # targets=None: both kinds, but act×act stays dense next to pre-converted STL layers
+    assert config.targets is None
+    assert config.targets_for() == frozenset({"linear", "matmul"})
+    assert config.targets_for(has_stl_layers=True) == frozenset({"linear"})
     # Exact bases fix their own rank.
     assert STLConfig(basis="strassen", tile=4, rank=24).site_spec("x").rank == 49
 
@@ -75,7 +78,7 @@ def test_bad_config_raises(kwargs, message):
 
 
 def test_filter_fn_cannot_be_serialized():
-    config = STLConfig(basis="random", filter_fn=lambda fqn, node: True)
+    config = STLConfig(basis="random", filter_fn=lambda module, fqn: True)
     with pytest.raises(ValueError, match="filter_fn"):
         config.to_dict()
 
@@ -85,12 +88,15 @@ def _round_trip(config: STLConfig) -> STLConfig:
 
 
 def test_to_dict_round_trip_with_basis_name():
-    config = STLConfig(tile=2, rank=5, basis="strassen-pruned", targets=["linear"], min_dim=3,
-                       pad=False, row_grouping="batch", decompose_sdpa=True, fuse=False,
+    # "batch" grouping takes only row-separable bases: "fitted" resolves to one (rank 4, 6)
+    config = STLConfig(tile=2, rank=4, basis="fitted", targets=["linear"], min_dim=3,
+                       max_cost_ratio=None, max_bytes_ratio=2.5, pad=False,
+                       row_grouping="batch", decompose_sdpa=True, fuse=False,
                        measure_error=False, seed=7,
-                       overrides={"a.*": "skip", "b": {"rank": 3, "basis": "random"}})
+                       overrides={"a.*": "skip", "b": {"rank": 6, "basis": "fitted"}})
     data = config.to_dict()
-    assert data["targets"] == ["linear"] and data["basis"] == "strassen-pruned"
+    assert data["targets"] == ["linear"] and data["basis"] == "fitted"
+    assert data["max_cost_ratio"] is None and data["max_bytes_ratio"] == 2.5
     restored = _round_trip(config)
     assert restored == config
     assert restored.to_dict() == data
@@ -115,3 +121,96 @@ def test_to_dict_round_trip_with_basis_objects():
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown STLConfig keys \\['tiles'\\]"):
         STLConfig.from_dict({"basis": "random", "tiles": 4})
+
+
+# --- issue 13: config cases that were silent or unclear -------------------------------------
+
+def test_targets_accepts_a_plain_string():
+    assert STLConfig(basis="random", targets="linear").targets == frozenset({"linear"})
+    assert STLConfig(basis="random", targets="matmul").targets_for() == frozenset({"matmul"})
+    with pytest.raises(ValueError, match="unknown targets \\['conv'\\]"):
+        STLConfig(basis="random", targets="conv")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"rank": 0}, "override 'fc\\*': rank must be >= 1, got 0"),
+    ({"rank": 0, "basis": "strassen"}, "override 'fc\\*': rank must be >= 1"),
+    ({"tile": 1}, "override 'fc\\*': tile must be >= 2"),
+    ({"rank": 100}, "override 'fc\\*': rank=100 exceeds tile\\*\\*3=64"),
+    ({"basis": "bogus"}, "override 'fc\\*': unknown basis name 'bogus'"),
+    ({"basis": bases.random(2, 5)}, "override 'fc\\*': basis 'random2x5' has tile 2"),
+    ({"basis": bases.random(4, 16), "rank": 24}, "override 'fc\\*': rank=24 contradicts"),
+])
+def test_bad_override_fails_when_the_config_is_built_and_names_the_pattern(override, message):
+    with pytest.raises(ValueError, match=message):
+        STLConfig(basis="random", overrides={"blocks.*": {"rank": 8}, "fc*": override})
+
+
+def test_rank_above_tile_cubed_is_rejected():
+    with pytest.raises(ValueError, match="rank=100 exceeds tile\\*\\*3=64.*use rank <= 64"):
+        STLConfig(basis="random", rank=100)
+    assert STLConfig(basis="random", rank=64).site_spec("a").rank == 64
+    # exact named bases fix their own rank, which is checked (strassen(8): 343 <= 512)
+    assert STLConfig(basis="strassen", tile=8).site_spec("a").rank == 343
+
+
+def test_rank_and_basis_object_must_agree():
+    basis = bases.random(4, 16)
+    assert STLConfig(basis=basis).site_spec("a").rank == 16          # rank unset: the basis's
+    assert STLConfig(basis=basis, rank=16).site_spec("a").rank == 16  # equal: fine
+    with pytest.raises(ValueError, match="rank=24 contradicts the basis object 'random4x16' of "
+                                         "rank 16; leave rank unset"):
+        STLConfig(basis=basis, rank=24)
+    # an override's basis object brings its own rank; the top-level rank is for the others
+    config = STLConfig(basis="random", rank=12, overrides={"fc": {"basis": basis}})
+    assert config.site_spec("fc").rank == 16 and config.site_spec("x").rank == 12
+    assert STLConfig(basis="random").site_spec("x").rank == 24  # the default rank
+
+
+def test_filter_fn_signature_is_checked():
+    with pytest.raises(TypeError, match="filter_fn\\(module, fqn\\) -> bool.*signature \\(fqn\\)"):
+        STLConfig(basis="random", filter_fn=lambda fqn: True)
+    with pytest.raises(TypeError, match="named 'fqn', as in the old \\(fqn, node\\) order"):
+        STLConfig(basis="random", filter_fn=lambda fqn, node: True)
+    with pytest.raises(TypeError, match="must be a callable"):
+        STLConfig(basis="random", filter_fn="linear")
+    STLConfig(basis="random", filter_fn=lambda module, fqn: True)
+    STLConfig(basis="random", filter_fn=lambda *args: True)
+
+
+@pytest.mark.parametrize("name", ["max_cost_ratio", "max_bytes_ratio"])
+@pytest.mark.parametrize("value", [0, -1.0, "1", True])
+def test_cost_limits_are_checked(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a number > 0 or None"):
+        STLConfig(basis="random", **{name: value})
+
+
+def test_cost_reason():
+    config = STLConfig(basis="random", max_bytes_ratio=3.0)
+    assert config.cost_reason(100, 80, 10, 30) == ""  # both limits reached exactly: convert
+    assert config.cost_reason(100, 81, 10, 10) == ("cost: STL costs 0.81x dense FLOPs > "
+                                                   "max_cost_ratio=0.8 (max_cost_ratio=None "
+                                                   "converts anyway)")
+    assert "3.10x dense bytes (x) > max_bytes_ratio=3" in config.cost_reason(100, 50, 10, 31,
+                                                                               " (x)")
+    assert STLConfig(basis="random", max_cost_ratio=None).cost_reason(1, 1000, 1, 1) == ""
+
+
+def test_unused_overrides():
+    config = STLConfig(basis="random", overrides={"blocks.*": "skip", "hed": {"rank": 8}})
+    assert config.unused_overrides(["blocks.0.fc1", "head"]) == ["hed"]
+
+
+@pytest.mark.parametrize("alpha", [-5.0, float("nan"), float("inf")])
+def test_basis_with_a_bad_alpha_is_rejected(alpha, tmp_path):
+    from safetensors.torch import save_file
+
+    good = bases.random(2, 3)
+    with pytest.raises(ValueError, match="alpha is a mean squared error: a finite number >= 0"):
+        bases.STLBasis(2, 3, *good.matrices, alpha=alpha)
+    path = tmp_path / "bad.safetensors"  # a basis file written by hand / by another tool
+    save_file(dict(zip(("ex", "ew", "d"), good.matrices)), str(path),
+              metadata={"format": "stl-basis/1", "tile": "2", "rank": "3",
+                        "alpha": json.dumps(alpha)})
+    with pytest.raises(ValueError, match="alpha is a mean squared error"):
+        bases.load(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from stl_helpers import rel_err
@@ -36,14 +38,15 @@ class TinyModel(nn.Module):
 NAMES = ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head"]
 
 
-@pytest.mark.parametrize("row_grouping", ["tokens", "batch"])
-@pytest.mark.parametrize("basis", ["strassen", "naive"])
+# "batch" grouping takes only row-separable bases: naive yes, strassen no (see below)
+@pytest.mark.parametrize("basis, row_grouping", [("strassen", "tokens"), ("naive", "tokens"),
+                                                 ("naive", "batch")])
 def test_exact_basis_keeps_outputs(basis, row_grouping):
     model = TinyModel()
     x = torch.randn(2, 7, 18)
     expected = model(x)
     outcome = swap_linears_(model, STLConfig(tile=4, basis=basis, min_dim=1,
-                                             row_grouping=row_grouping))
+                                             max_cost_ratio=None, row_grouping=row_grouping))
     assert outcome == {name: "converted" for name in NAMES}
     for name in NAMES:
         layer = model.get_submodule(name)
@@ -51,19 +54,31 @@ def test_exact_basis_keeps_outputs(basis, row_grouping):
     assert rel_err(model(x), expected) < 1e-5
 
 
-def test_inexact_basis_changes_outputs_and_second_call_is_a_no_op():
+def test_inexact_basis_changes_outputs_and_second_call_keeps_the_stl_layers():
     model = TinyModel()
     x = torch.randn(2, 8, 18)
     expected = model(x)
-    config = STLConfig(basis="random", rank=6, min_dim=1)
+    config = STLConfig(basis="random", rank=6, min_dim=1, max_cost_ratio=None)
     swap_linears_(model, config)
-    assert rel_err(model(x), expected) > 1e-2
-    assert swap_linears_(model, config) == {}
+    converted = model(x)
+    assert rel_err(converted, expected) > 1e-2
+    # the same config again: the layers are reported as kept, silently (nothing differs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = swap_linears_(model, config)
+    assert set(again) == set(NAMES)
+    assert all(v.startswith("kept: already an STLLinear (tile 4, rank 6)") for v in again.values())
+    # a new rank: still kept (never re-encoded), and a warning names the layers
+    with pytest.warns(UserWarning, match=r"already STL and are kept.*blocks\.0\.fc1 \(tile 4, "
+                                         r"rank 6, 'tokens'; config asks tile 4, rank 12"):
+        swap_linears_(model, STLConfig(basis="random", rank=12, min_dim=1, max_cost_ratio=None))
+    assert model.blocks[0].fc1.rank == 6 and torch.equal(model(x), converted)
 
 
 def test_override_ranks_per_site():
     model = TinyModel()
-    config = STLConfig(basis="random", rank=12, min_dim=1, overrides={"*.fc2": {"rank": 4}})
+    config = STLConfig(basis="random", rank=12, min_dim=1, max_cost_ratio=None,
+                       overrides={"*.fc2": {"rank": 4}})
     swap_linears_(model, config)
     assert model.blocks[0].fc1.rank == 12 and model.blocks[1].fc2.rank == 4
 
@@ -71,7 +86,7 @@ def test_override_ranks_per_site():
 def test_skip_reasons():
     model = TinyModel()
     config = STLConfig(basis="strassen", pad=False,
-                       filter_fn=lambda fqn, module: fqn != "blocks.0.fc1",
+                       filter_fn=lambda module, fqn: fqn != "blocks.0.fc1",
                        overrides={"blocks.1.fc1": "skip"})
     outcome = swap_linears_(model, config)
     assert "filter_fn" in outcome["blocks.0.fc1"]
@@ -85,7 +100,7 @@ def test_skip_reasons():
 
 def test_pad_false_converts_multiples_of_the_tile():
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 18))
-    outcome = swap_linears_(model, STLConfig(basis="strassen", pad=False))
+    outcome = swap_linears_(model, STLConfig(basis="strassen", pad=False, max_cost_ratio=None))
     assert outcome["0"] == "converted" and "pad=False" in outcome["1"]
 
 
@@ -105,7 +120,8 @@ def test_root_linear_is_reported_not_swapped():
 def test_keep_reference_and_train_basis():
     model = TinyModel()
     weight = model.blocks[0].fc1.weight
-    swap_linears_(model, STLConfig(basis="strassen", min_dim=1), keep_reference=True,
+    swap_linears_(model, STLConfig(basis="strassen", min_dim=1, max_cost_ratio=None),
+                  keep_reference=True,
                   train_basis=False)
     layer = model.blocks[0].fc1
     assert layer.reference_weight.data_ptr() == weight.data_ptr()
@@ -129,3 +145,54 @@ def test_bad_basis_for_a_site_raises():
     with pytest.raises(ValueError, match="unknown basis name"):
         swap_linears_(TinyModel(), STLConfig(basis="random", min_dim=1,
                                              overrides={"head": {"basis": "bogus"}}))
+
+
+def test_filter_fn_gets_the_module_then_the_fqn():
+    model = TinyModel()
+    seen = []
+
+    def keep_fc1(module, fqn):
+        seen.append((type(module), fqn))
+        return fqn.endswith("fc1")
+
+    outcome = swap_linears_(model, STLConfig(basis="random", rank=6, min_dim=1,
+                                             max_cost_ratio=None, filter_fn=keep_fc1))
+    assert (nn.Linear, "blocks.0.fc1") in seen and all(t is nn.Linear for t, _ in seen)
+    assert outcome["blocks.0.fc1"] == "converted" and "filter_fn" in outcome["blocks.0.fc2"]
+
+
+def test_cost_guard_keeps_layers_dense_when_stl_costs_more():
+    # rank 24, tile 4: 24/64 + 24/k + 24/m of dense FLOPs: 6.375x at 8x8, 1.125x at 64x64,
+    # 0.84x at 64x256 (saves less than the default's 20%), 0.75x at 128x128
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(64, 64), nn.Linear(64, 256),
+                          nn.Linear(256, 128), nn.Linear(128, 128))
+    outcome = swap_linears_(model, STLConfig(basis="random", min_dim=1))
+    assert outcome["0"] == ("skipped: cost: STL costs 6.38x dense FLOPs > max_cost_ratio=0.8 "
+                            "(max_cost_ratio=None converts anyway)")
+    assert "STL costs 1.12x dense FLOPs" in outcome["1"]
+    assert "STL costs 0.84x dense FLOPs" in outcome["2"]
+    assert outcome["3"] == outcome["4"] == "converted"
+    relaxed = swap_linears_(nn.Sequential(nn.Linear(64, 256)),
+                            STLConfig(basis="random", min_dim=1, max_cost_ratio=1.0))
+    assert relaxed == {"0": "converted"}
+    forced = nn.Sequential(nn.Linear(8, 8))
+    assert swap_linears_(forced, STLConfig(basis="random", min_dim=1, max_cost_ratio=None)) \
+        == {"0": "converted"}
+    # the bytes model gates only when asked: the unfused STL product moves ~4x the bytes here
+    gated = nn.Sequential(nn.Linear(128, 128))
+    reason = swap_linears_(gated, STLConfig(basis="random", min_dim=1, max_bytes_ratio=2.0))["0"]
+    assert reason.startswith("skipped: cost: STL costs") and "dense bytes > max_bytes_ratio=2" \
+        in reason
+
+
+def test_batch_grouping_refuses_a_basis_that_mixes_rows():
+    with pytest.raises(ValueError, match="basis 'strassen4' has product terms that read or "
+                                         "write two tile rows.*row_grouping='tokens'"):
+        swap_linears_(TinyModel(), STLConfig(basis="strassen", row_grouping="batch"))
+
+
+def test_unused_override_pattern_warns():
+    with pytest.warns(UserWarning, match=r"\['blocks\.\*\.mlp'\] match no linear layer"):
+        swap_linears_(TinyModel(), STLConfig(basis="random", rank=6, min_dim=1,
+                                             overrides={"blocks.*.mlp": "skip",
+                                                        "head": "skip"}))

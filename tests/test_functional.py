@@ -153,3 +153,18 @@ def test_flops_worked_example():
     gemm = 2 * 24 * big**3 // 64
     assert stl_flops(big, big, big, 4, 24) - gemm == 2 * 24 * big * big * 2
     assert abs(stl_flops(big, big, big, 4, 24) / dense_flops(big, big, big) - 24 / 64) < 0.01
+
+
+def test_bytes_model():
+    from stl_compiler import functional
+
+    # x (5x6) @ w (6x7), t=4, r=24: padded 8x8 tiles; each encoded plane set holds
+    # r * (8*8)/16 = 96 elements. Read X 30, write+read X^ 2*96, read W^ 96, write+read Y^
+    # 2*96, write Y 35 -> 545 elements; act x act adds read W 42 + write W^ 96.
+    assert functional.stl_bytes(5, 6, 7, 4, 24, itemsize=1) == 545
+    assert functional.stl_bytes(5, 6, 7, 4, 24, encode_w=True, itemsize=2) == 2 * (545 + 138)
+    assert functional.dense_bytes(5, 6, 7, itemsize=4) == 4 * (30 + 42 + 35)
+    # large n: about 1 + 2r/t^2 = 4x the activation bytes of dense at r=24
+    ratio = functional.stl_bytes(4096, 1024, 1024, 4, 24) / functional.dense_bytes(4096, 1024,
+                                                                                   1024)
+    assert 3.5 < ratio < 4.0

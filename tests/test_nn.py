@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from stl_compiler import STLLinear, bases, dense_flops, stl_flops
 from stl_compiler.nn import STLMatmul
+from stl_compiler.tiling import row_separable
 
 K, M = 10, 7  # not multiples of 2, 3 or 4
 INPUT_SHAPES = [(K,), (5, K), (2, 5, K), (2, 3, 5, K)]
@@ -17,11 +18,14 @@ INPUT_SHAPES = [(K,), (5, K), (2, 5, K), (2, 3, 5, K)]
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("row_grouping", ["tokens", "batch"])
-@pytest.mark.parametrize("name", ["strassen2", "strassen4", "naive3"])
+# "batch" grouping takes only row-separable bases: naive yes, strassen no (raises, below)
+@pytest.mark.parametrize("name, row_grouping", [
+    ("strassen2", "tokens"), ("strassen4", "tokens"), ("naive3", "tokens"), ("naive3", "batch"),
+    ("naive4", "batch"), ("row_separable4", "batch")])
 def test_from_linear_exact_matches_linear(name, row_grouping, bias, dtype):
     basis = {"strassen2": bases.strassen(2), "strassen4": bases.strassen(4),
-             "naive3": bases.naive(3)}[name]
+             "naive3": bases.naive(3), "naive4": bases.naive(4),
+             "row_separable4": row_separable(4, 64)}[name]
     linear = nn.Linear(K, M, bias=bias, dtype=dtype)
     if bias:
         nn.init.normal_(linear.bias)
@@ -61,7 +65,9 @@ def test_from_linear_encodes_with_ew():
 
 def _inexact_layer(row_grouping):
     linear = nn.Linear(8, 8, dtype=torch.float64)
-    return STLLinear.from_linear(linear, bases.random(4, 6, seed=0), row_grouping=row_grouping)
+    # "batch" grouping takes only row-separable bases; row_separable(4, 8) is inexact too
+    basis = bases.random(4, 6, seed=0) if row_grouping == "tokens" else row_separable(4, 8)
+    return STLLinear.from_linear(linear, basis, row_grouping=row_grouping)
 
 
 @pytest.mark.parametrize("shape", [(5, 9, 8), (2, 3, 9, 8)])
@@ -76,11 +82,13 @@ def test_batch_grouping_is_position_local(shape):
     y2 = layer(x2)
     assert torch.equal(y2[..., i, :], y[..., i, :])
     assert not torch.allclose(y2[..., i + 1, :], y[..., i + 1, :])
-    # It does mix sequences: perturbing another sequence at the same position changes it.
+    # Sequences stay independent: perturbing another sequence at the same position (same
+    # tile) leaves this one bit-for-bit unchanged (row-separable basis).
     x3 = x.clone()
     x3.view(-1, shape[-2], shape[-1])[1, i] += 1.0
     y3 = layer(x3).view(-1, shape[-2], shape[-1])
-    assert not torch.allclose(y3[0, i], y.view(-1, shape[-2], shape[-1])[0, i])
+    assert torch.equal(y3[0, i], y.view(-1, shape[-2], shape[-1])[0, i])
+    assert not torch.allclose(y3[1, i], y.view(-1, shape[-2], shape[-1])[1, i])
 
 
 def test_tokens_grouping_leaks_within_a_tile():
@@ -104,7 +112,8 @@ def test_tokens_grouping_leaks_within_a_tile():
 
 @pytest.mark.parametrize("row_grouping", ["tokens", "batch"])
 def test_gradcheck_stl_linear(row_grouping):
-    layer = STLLinear.from_linear(nn.Linear(5, 3, dtype=torch.float64), bases.random(2, 3),
+    basis = bases.random(2, 3) if row_grouping == "tokens" else row_separable(2, 4)
+    layer = STLLinear.from_linear(nn.Linear(5, 3, dtype=torch.float64), basis,
                                   row_grouping=row_grouping)
     names = ["weight_encoded", "ex", "d", "bias"]
     params = tuple(getattr(layer, n).detach().clone().requires_grad_(True) for n in names)
@@ -136,11 +145,11 @@ def test_train_basis_false_freezes_ex_and_d():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_state_dict_round_trip(bias):
-    layer = STLLinear.from_linear(nn.Linear(K, M, bias=bias), bases.random(4, 6),
+    layer = STLLinear.from_linear(nn.Linear(K, M, bias=bias), row_separable(4, 8),
                                   row_grouping="batch")
     state = layer.state_dict()
     assert set(state) == {"weight_encoded", "ex", "d"} | ({"bias"} if bias else set())
-    fresh = STLLinear(K, M, 4, 6, bias=bias, row_grouping="batch")
+    fresh = STLLinear(K, M, 4, 8, bias=bias, row_grouping="batch")
     fresh.load_state_dict(state)
     x = torch.randn(2, 5, K)
     assert torch.equal(fresh(x), layer(x))

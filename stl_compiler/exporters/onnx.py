@@ -15,11 +15,34 @@ import torch
 
 from ._files import output_file, staged
 from ._program import export_program
+from ._quiet import quiet_torch_internals
 
 __all__ = ["export_onnx", "onnx_op_types"]
 
 #: ONNX domains of standard operators; anything else would need a custom runtime kernel.
 STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def supported_opsets() -> range:
+    """The ONNX opsets ``export_onnx`` writes: from the lowest opset torch's exporter has
+    implementations for (below it torch silently writes that one instead) to the highest
+    torch supports."""
+    from torch.onnx import _constants
+
+    try:
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET as lowest
+    except ImportError:  # a torch without the dynamo exporter's constants: its known floor
+        lowest = 18
+    return range(lowest, _constants.ONNX_MAX_OPSET + 1)
+
+
+def _check_opset(opset: Any) -> None:
+    opsets = supported_opsets()
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
+                              or opset not in opsets):
+        raise ValueError(f"opset must be an int from {opsets.start} to {opsets.stop - 1} (the "
+                         f"opsets this torch's ONNX exporter writes) or None for its default, "
+                         f"got {opset!r}")
 
 
 def _import_onnx():
@@ -50,11 +73,15 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike, *,
             graph's symbolic dims are named ``batch`` and ``sequence`` (dims 0 and 1 of rank-2
             and rank-3 inputs), other dynamic dims ``<input>_dim<i>``. ``None``: static
             shapes. Otherwise a ``torch.export`` dynamic_shapes spec.
-        opset: ONNX opset (default: the exporter's).
-        dtype: e.g. ``torch.float16`` to export half-precision weights and inputs (the module
-            is cast on a copy).
+        opset: ONNX opset, within :func:`supported_opsets` (default: the exporter's, 18).
+        dtype: ``torch.float16``, ``bfloat16``, ``float32`` or ``float64``: cast a copy of the
+            module and the floating inputs (e.g. half-precision weights and inputs).
         external_data: store weights in ``<path>.data`` beside the model; default: only when
             the weights exceed ONNX's 2 GB protobuf limit.
+
+    Raises:
+        ValueError: an unsupported ``opset`` or ``dtype``, or example inputs the model does
+            not run on (the model's own error is quoted).
 
     Returns:
         ``path``. The model passes ``onnx.checker.check_model(full_check=True)``; constant
@@ -62,12 +89,18 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike, *,
         folded into initializers.
     """
     onnx = _import_onnx()
+    _check_opset(opset)
     path = output_file(path)
-    program = export_program(module, example_inputs, example_kwargs=example_kwargs,
-                             dynamic_shapes=dynamic_shapes, dtype=dtype)
-    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
-                                     optimize=False, verbose=False,
-                                     output_names=_output_names(program))
+    with quiet_torch_internals():
+        program = export_program(module, example_inputs, example_kwargs=example_kwargs,
+                                 dynamic_shapes=dynamic_shapes, dtype=dtype)
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
+                                         optimize=False, verbose=False,
+                                         output_names=_output_names(program))
+    written = onnx_program.model.opset_imports.get("")
+    if opset is not None and written != opset:  # torch falls back silently when it cannot
+        raise RuntimeError(f"torch's ONNX exporter wrote opset {written} instead of the "
+                           f"requested {opset}; export with opset={written} or None")
     _fold_constants(onnx_program.model)
     _tidy_shapes(onnx_program.model)
     with staged(path) as staging_path:

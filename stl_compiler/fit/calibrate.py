@@ -9,23 +9,34 @@ Options for ``row_grouping="batch"`` models (see :func:`calibrate`): ``basis="ro
 restarts every layer from a basis whose product terms each read and write a single tile row,
 and ``target="teacher"`` fits each layer to the dense model's own activations (correcting the
 error of the layers before it) instead of the dense layer applied to the student's inputs.
+A batch-grouped layer with a row-separable basis stays row-separable (:func:`row_support`):
+the decoder solve and the encoder steps only change entries of each term's own tile row.
+
+In a torch.distributed job every sum over the calibration data (Gram matrices, right-hand
+sides, errors, the encoder's gradient) is all-reduced, so every rank computes the same fit,
+the single-process fit on the union of the ranks' data (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
 
 from ..nn import STLLinear
 from ..runtime.ops import encode
-from ..tiling import group_rows, pad_last2, round_up, to_tiles
+from ..tiling import group_rows, is_row_separable, pad_last2, round_up, rows_touched, to_tiles
+from . import distributed as dist_
 from ._progress import Progress
 
-__all__ = ["calibrate", "CalibrationTable", "row_separable_basis", "run_batch", "BASES", "TARGETS"]
+__all__ = ["calibrate", "CalibrationTable", "row_separable_basis", "row_support", "run_batch",
+           "check_not_compiled", "BASES", "TARGETS"]
 
 BASES = ("converted", "row_separable")
 TARGETS = ("layer", "teacher")
@@ -38,6 +49,36 @@ def run_batch(module: nn.Module, batch: object) -> object:
     if isinstance(batch, (tuple, list)):
         return module(*batch)
     return module(batch)
+
+
+def check_not_compiled(module: nn.Module, who: str) -> None:
+    """Refuse the output of ``stl_compile``: fitting works on the eager, converted model."""
+    if getattr(module, "stl_report", None) is not None:
+        raise ValueError(f"{who} got the output of stl_compile (it has .stl_report); calibrate "
+                         f"before stl_compile: swap_linears_(model, config, keep_reference=True)"
+                         f" -> calibrate -> distill -> stl_compile (stl_compile keeps the "
+                         f"calibrated STL layers)")
+
+
+def _nonfinite(value: object, where: str, label: str = "item") -> str | None:
+    """A message naming the first tensor of ``value`` holding NaN or Inf, else None."""
+    items = (value.items() if isinstance(value, dict) else
+             enumerate(value) if isinstance(value, (tuple, list)) else [(None, value)])
+    for key, item in items:
+        if (isinstance(item, Tensor) and item.is_floating_point()
+                and not bool(torch.isfinite(item).all())):
+            part = "" if key is None else f" ({label} {key!r})"
+            return f"{where}{part} contains NaN or Inf"
+    return None
+
+
+def _first_nonfinite_batch(batches: list, where: str) -> str | None:
+    for i, batch in enumerate(batches):
+        error = _nonfinite(batch, f"calibration batch {i}{where}")
+        if error:
+            return (f"{error}: calibration would turn every STL parameter into NaN; remove or "
+                    f"clean that batch (e.g. torch.nan_to_num) and call calibrate again")
+    return None
 
 
 def _fmt(value: float | None) -> str:
@@ -107,24 +148,32 @@ class _LayerData:
             yt.append(to_tiles(pad_last2(target, npad, mp), t).reshape(-1, mp // t, t * t))
             counts = (n - torch.arange(0, npad, t, device=x.device)).clamp(max=t)
             valid.append(counts.repeat(xt[-1].shape[0]))
+        device = layer.weight_encoded.device
+        self.kt = kp // t
         self.x_rows = xt                                  # (B, npad, kp) per input
-        self.y_tiles = torch.cat(yt)                      # (N, Mt, t²): dense output − own bias
-        self.valid = torch.cat(valid)                     # (N,) real rows per row tile
+        self.y_tiles = torch.cat(yt) if yt else torch.zeros(  # (N, Mt, t²): dense − own bias
+            0, mp // t, t * t, dtype=torch.float64, device=device)
+        self.valid = torch.cat(valid) if valid else torch.zeros(  # (N,) real rows per row tile
+            0, dtype=torch.long, device=device)
         # mask[i, c]: entry c = a*t + b of row tile i is a real row (a < valid[i])
         self.mask = (torch.arange(t * t, device=self.valid.device) // t)[None, :] \
             < self.valid[:, None]
 
     def encoded(self, ex: Tensor, tile: int) -> Tensor:
         """``(r, N, Kt)``: the layer's own stl::encode of every row tile."""
+        if not self.x_rows:  # no calibration input on this rank
+            return ex.new_zeros(ex.shape[0], 0, self.kt)
         return torch.cat([encode(x, ex, tile).reshape(ex.shape[0], -1, x.shape[-1] // tile)
                           for x in self.x_rows], dim=1)
 
 
 def _rel_error(layer: STLLinear, data: _LayerData) -> float:
+    """Relative error over the data of every rank."""
+    sums = data.y_tiles.new_zeros(2)
     with torch.no_grad():
-        num = sum(float((layer(x).double() - y).square().sum())
-                  for x, y in zip(data.inputs, data.targets))
-        den = sum(float(y.square().sum()) for y in data.targets)
+        for x, y in zip(data.inputs, data.targets):
+            sums += torch.stack([(layer(x).double() - y).square().sum(), y.square().sum()])
+    num, den = dist_.all_reduce_sum(sums).tolist()
     return (num / max(den, 1e-300)) ** 0.5
 
 
@@ -132,6 +181,41 @@ def _ridge_solve(gram: Tensor, rhs: Tensor, ridge: float = 1e-8) -> Tensor:
     scale = float(gram.diagonal().mean().clamp_min(1e-300))
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + ridge * scale * eye, rhs)
+
+
+def row_support(layer: STLLinear, tol: float = 1e-6) -> tuple[Tensor, Tensor] | None:
+    """``(ex_mask, d_mask)``, bool ``(rank, t*t)``: the entries of ``ex`` / ``d`` that
+    calibration and distillation may change without breaking a ``row_grouping="batch"``
+    layer's row-separability; None when the layer is not batch-grouped and row-separable
+    (nothing to preserve: its updates are unconstrained).
+
+    A term that touches one tile row may use every entry of that row, in ``ex`` and ``d``;
+    a term whose ``ex`` or ``d`` is zero (it contributes nothing) keeps that zero, so it
+    cannot start to mix rows. ``tol`` is :func:`~stl_compiler.tiling.is_row_separable`'s.
+    Masks of a sharded (DTensor) layer are of the full parameters (a collective).
+    """
+    if layer.row_grouping != "batch":
+        return None
+    t = layer.tile
+    ex, d = (p.full_tensor() if dist_.is_sharded(p) else p for p in (layer.ex, layer.d))
+    if not is_row_separable(SimpleNamespace(tile=t, ex=ex, d=d), tol):
+        return None
+    reads, writes = (rows_touched(m.detach(), t, tol) for m in (ex, d))
+    either = reads | writes
+    one_row = (either.sum(1) == 1)[:, None]
+    return tuple(torch.where(one_row, either, rows).repeat_interleave(t, dim=1)
+                 for rows in (reads, writes))
+
+
+def _masked_solve(gram: Tensor, rhs: Tensor, keep: Tensor | None) -> Tensor:
+    """:func:`_ridge_solve` of ``gram x = rhs`` over the unknowns ``keep`` only (the others
+    are 0); ``rhs`` is ``(n, 1)``."""
+    if keep is None:
+        return _ridge_solve(gram, rhs)
+    x = rhs.new_zeros(rhs.shape)
+    if bool(keep.any()):
+        x[keep] = _ridge_solve(gram[keep][:, keep], rhs[keep])
+    return x
 
 
 def _solve_weight(xh: Tensor, d: Tensor, data: _LayerData) -> Tensor:
@@ -145,32 +229,48 @@ def _solve_weight(xh: Tensor, d: Tensor, data: _LayerData) -> Tensor:
         gram += (h.T @ h) * dd.repeat_interleave(kt, 0).repeat_interleave(kt, 1)
     e = torch.einsum("pc,njc->pnj", d, data.y_tiles * data.mask[:, None, :])
     rhs = torch.einsum("pnl,pnj->plj", xh, e).reshape(r * kt, -1)
+    dist_.all_reduce_sum(gram)
+    dist_.all_reduce_sum(rhs)
     return _ridge_solve(gram, rhs).reshape(r, kt, -1)
 
 
-def _solve_decoder(xh: Tensor, wh: Tensor, data: _LayerData, tile: int) -> Tensor:
-    """Least-squares decoder ``(r, t²)`` given encoded inputs and weight."""
+def _solve_decoder(xh: Tensor, wh: Tensor, data: _LayerData, tile: int,
+                   support: Tensor | None = None) -> Tensor:
+    """Least-squares decoder ``(r, t²)`` given encoded inputs and weight; with ``support``
+    (bool ``(r, t²)``) only those entries are solved for, the others are 0."""
     z = torch.bmm(xh, wh)                                             # (r, N, Mt)
-    out = z.new_empty(z.shape[0], tile * tile)
-    grams = {v: torch.einsum("pnj,qnj->pq", z[:, data.valid == v], z[:, data.valid == v])
-             for v in data.valid.unique().tolist()}
-    for c in range(tile * tile):
-        gram = sum(g for v, g in grams.items() if c // tile < v)
-        rhs = torch.einsum("pnj,nj->p", z, data.y_tiles[:, :, c] * data.mask[:, None, c])
-        out[:, c] = _ridge_solve(gram, rhs[:, None])[:, 0]
-    return out
+    # entry c = a*t + b of a row tile is real when the tile has more than a real rows
+    gram = torch.stack([torch.einsum("pnj,qnj->pq", z[:, data.valid > a], z[:, data.valid > a])
+                        for a in range(tile)])                        # (t, r, r)
+    rhs = torch.einsum("pnj,njc->pc", z, data.y_tiles * data.mask[:, None, :])  # (r, t²)
+    dist_.all_reduce_sum(gram)
+    dist_.all_reduce_sum(rhs)
+    return torch.stack([_masked_solve(gram[c // tile], rhs[:, c:c + 1],
+                                      None if support is None else support[:, c])[:, 0]
+                        for c in range(tile * tile)], dim=1)
 
 
-def _refine_encoder(layer: STLLinear, data: _LayerData, iters: int, lr: float) -> None:
-    """A few Adam steps on ``ex`` alone (weight and decoder fixed) on the output MSE."""
-    ex = layer.ex.detach().clone().requires_grad_(True)
-    params = {n: p.detach() for n, p in layer.named_parameters()} | {"ex": ex}
+def _refine_encoder(layer: STLLinear, data: _LayerData, iters: int, lr: float,
+                    support: Tensor | None = None) -> None:
+    """A few Adam steps on ``ex`` alone (weight and decoder fixed) on the output MSE; with
+    ``support`` (bool, ``ex``'s shape) the other entries get a zero gradient, so Adam leaves
+    them exactly as they are.
+
+    In float64, like the solves: the sum over batches (and ranks) then rounds far below the
+    float32 the layer keeps, so the result does not depend on how the data is split."""
+    ex = layer.ex.detach().double().requires_grad_(True)
+    params = {n: p.detach().double() for n, p in layer.named_parameters()} | {"ex": ex}
     opt = torch.optim.Adam([ex], lr=lr)
     for _ in range(iters):
-        loss = sum((torch.func.functional_call(layer, params, (x,)).double() - y).square().sum()
-                   for x, y in zip(data.inputs, data.targets))
         opt.zero_grad()
-        loss.backward()
+        if data.inputs:
+            sum((torch.func.functional_call(layer, params, (x.double(),)) - y).square().sum()
+                for x, y in zip(data.inputs, data.targets)).backward()
+        if ex.grad is None:
+            ex.grad = torch.zeros_like(ex)
+        dist_.all_reduce_sum(ex.grad)  # the gradient of the loss summed over every rank
+        if support is not None:
+            ex.grad.masked_fill_(~support, 0.0)
         opt.step()
     with torch.no_grad():
         layer.ex.copy_(ex)
@@ -206,47 +306,70 @@ def _calibrate_layer(name: str, layer: STLLinear, data: _LayerData, steps: int,
                      ) -> tuple[float, float]:
     before = _rel_error(layer, data)
     t = layer.tile
-    best = (before, [p.detach().clone() for p in (layer.weight_encoded, layer.ex, layer.d)])
+    params = (layer.weight_encoded, layer.ex, layer.d)
+    best = (before if math.isfinite(before) else math.inf, [p.detach().clone() for p in params])
     if restart is not None:  # new ex, d; the weight is solved below (the original stays best
         with torch.no_grad():  # candidate, so the layer still never gets worse)
             layer.ex.copy_(restart[0])
             layer.d.copy_(restart[1])
+    # a row-separable batch-grouped layer must stay so: its sequences stay independent
+    ex_support, d_support = row_support(layer) or (None, None)
     scale = max(float(layer.ex.detach().abs().mean()), 1e-6)
+    diverged = False
     for _ in range(max(steps, 1)):
         with torch.no_grad():
             ex, d = layer.ex.detach().double(), layer.d.detach().double()
             xh = data.encoded(ex, t)
             wh = _solve_weight(xh, d, data)
+            if not bool(torch.isfinite(wh).all()):  # identical on every rank (all-reduced)
+                diverged = True
+                break
             layer.weight_encoded.copy_(wh)
             err = _rel_error(layer, data)
             if err < best[0]:
-                best = (err, [p.detach().clone() for p in (layer.weight_encoded, layer.ex,
-                                                           layer.d)])
+                best = (err, [p.detach().clone() for p in params])
             if steps > 0:
-                layer.d.copy_(_solve_decoder(xh, wh, data, t))
-        bar.update(1, layer=name, error=min(err, best[0]))
+                new_d = _solve_decoder(xh, wh, data, t, d_support)
+                if not bool(torch.isfinite(new_d).all()):
+                    diverged = True
+                    break
+                layer.d.copy_(new_d)
+        bar.update(1, layer=name, error=best[0])
         if steps > 0:
-            _refine_encoder(layer, data, iters=20, lr=0.01 * scale)
+            _refine_encoder(layer, data, iters=20, lr=0.01 * scale, support=ex_support)
     with torch.no_grad():
         err = _rel_error(layer, data)
-        if err >= best[0]:
-            for p, v in zip((layer.weight_encoded, layer.ex, layer.d), best[1]):
+        if not err < best[0]:  # also a NaN iterate: never kept
+            for p, v in zip(params, best[1]):
                 p.copy_(v)
             err = best[0]
+    if diverged or not math.isfinite(err):
+        warnings.warn(f"calibrate: layer {name!r}: a least-squares solve gave NaN or Inf; kept "
+                      f"its best finite parameters (relative error {err:.4g}). Check the "
+                      f"calibration data's scale, or calibrate with steps=0", stacklevel=3)
     return before, err
 
 
 def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
               teacher: nn.Module | None = None, target: str = "layer",
-              basis: str = "converted", seed: int = 0, progress: bool = True
-              ) -> CalibrationTable:
+              basis: str = "converted", seed: int = 0, shard: str = "batches",
+              progress: bool = True) -> CalibrationTable:
     """Fit every STL layer of ``module`` to the dense layer it replaced, on real inputs.
 
     Layers are calibrated one at a time in forward order, each on the inputs it receives
     from the already-calibrated layers before it. For each layer: the encoded weight is the
     closed-form least-squares solution given ``ex`` and ``d`` (Lemma A.1); then ``steps``
     rounds refine ``d`` (least squares), ``ex`` (Adam steps) and re-solve the weight. The
-    best iterate is kept, so a layer's error on its calibration data never increases.
+    best iterate is kept, so a layer's error on its calibration data never increases (an
+    iterate with NaN or Inf is never kept: the layer keeps its best finite parameters, with a
+    warning). A ``row_grouping="batch"`` layer whose basis is row-separable stays so (each
+    term's ``ex`` / ``d`` change only within its tile row, :func:`row_support`), so the
+    sequences batched into a tile stay independent.
+
+    Inside a torch.distributed job every rank calls ``calibrate`` with the same arguments;
+    rank 0's parameters are broadcast, each rank runs its share of the batches (``shard``)
+    and every sum over the data is all-reduced, so all ranks compute the same fit: the
+    single-process fit on the union of the ranks' batches.
 
     Args:
         module: a converted model holding :class:`~stl_compiler.STLLinear` layers (changed in
@@ -269,13 +392,24 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
             sequences and a general basis's cross-row terms are pure noise; the layer as
             converted stays the best candidate until an iterate beats it.
         seed: seeds the random vectors of ``basis="row_separable"``.
-        progress: show a progress bar per layer on stderr.
+        shard: with a process group, how ranks share the batches: ``"batches"`` (every rank
+            passes the same batches and takes every world-size-th one whole), ``"rows"`` (each
+            takes an equal slice of dim 0 of every batch; with ``row_grouping="batch"`` a slice
+            that is not a multiple of the tile changes which sequences share a tile) or
+            ``"local"`` (the batches are already this rank's own). Ignored in one process.
+        progress: show a progress bar per layer on stderr (rank 0 only).
 
     Returns:
-        A :class:`CalibrationTable` of relative output errors before/after, per layer.
+        A :class:`CalibrationTable` of relative output errors before/after, per layer (over
+        every rank's data; the same table on every rank).
+
+    Raises:
+        ValueError: a batch (or a layer's captured input or target) holds NaN or Inf, or
+            ``module`` is the output of ``stl_compile``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_not_compiled(module, "calibrate")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if target not in TARGETS:
@@ -289,6 +423,10 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
     if not layers:
         raise ValueError("module has no STLLinear layer to calibrate; convert it first "
                          "(stl_compiler.swap_linears_)")
+    if any(dist_.is_sharded(p) for _, m in layers for p in m.parameters()):
+        raise ValueError("calibrate needs every STL layer unsharded on every rank (it "
+                         "all-reduces the statistics, not the parameters): calibrate before "
+                         "fully_shard, then shard the student for distill")
     if basis == "row_separable":
         bad = sorted({(m.tile, m.rank) for _, m in layers if m.rank % m.tile})
         if bad:
@@ -297,8 +435,12 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
     generator = torch.Generator().manual_seed(seed)
     refs = {name: _reference(name, layer, teacher) for name, layer in layers}
     batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty: calibration needs at least one input batch")
+    where = "" if dist_.world()[1] == 1 or shard != "local" else " of this rank"
+    dist_.raise_if_any(_first_nonfinite_batch(batches, where))
+    batches = dist_.local_batches(batches, shard)
+    dist_.check_every_rank_has(batches, shard, "calibration")
+    dist_.broadcast_module(module)
+    main = dist_.is_main()
     rows = []
     was_training = module.training
     teacher_training = None if teacher is None else teacher.training
@@ -308,18 +450,24 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
     try:
         for name, layer in _forward_order(module, layers, batches):
             inputs = _capture(module, layer, batches)
-            if not inputs:  # e.g. a branch the calibration batches never take
+            calls = int(dist_.all_reduce_sum(torch.tensor(float(len(inputs)),
+                                                          device=layer.ex.device)))
+            if not calls:  # e.g. a branch the calibration batches never take
                 rows.append({"layer": name, "rank": layer.rank, "error_before": None,
                              "error_after": None})
                 continue
             targets = None
             if target == "teacher":
                 targets = _capture(teacher, teacher.get_submodule(name), batches, output=True)
+            error = (_nonfinite(inputs, f"layer {name!r}: its input", "batch") or
+                     _nonfinite(targets or [], f"layer {name!r}: its teacher target", "batch"))
+            dist_.raise_if_any(error and f"{error}, although the batches are finite: the model "
+                                         f"overflows on them (check their scale and dtype)")
             restart = None
             if basis == "row_separable":
                 restart = row_separable_basis(layer.tile, layer.rank, generator)
             data = _LayerData(layer, inputs, *refs[name], targets=targets)
-            bar = Progress(max(steps, 1), f"calibrate {name}", progress)
+            bar = Progress(max(steps, 1), f"calibrate {name}", progress and main)
             before, after = _calibrate_layer(name, layer, data, steps, bar, restart)
             bar.close()
             rows.append({"layer": name, "rank": layer.rank, "error_before": before,
@@ -360,5 +508,6 @@ def _forward_order(module: nn.Module, layers: list[tuple[str, STLLinear]], batch
     finally:
         for h in hooks:
             h.remove()
+    order = dist_.broadcast_object(order)  # every rank fits the layers in rank 0's order
     rank = {n: i for i, n in enumerate(order)}
     return sorted(layers, key=lambda nm: rank.get(nm[0], len(order)))

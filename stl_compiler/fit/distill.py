@@ -1,5 +1,5 @@
 """Distillation: fine-tune a converted model (its STL parameters, or all of them) to match the
-dense one."""
+dense one, in one process or on every rank of a torch.distributed job (docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import STLLinear
+from . import distributed as dist_
 from ._progress import Progress
-from .calibrate import run_batch
+from .calibrate import check_not_compiled, row_support, run_batch
 
 __all__ = ["distill", "LOSSES", "PARAMS"]
 
@@ -35,6 +36,10 @@ def _output_tensor(out: object, who: str) -> Tensor:
 
 
 def _loss(student_out: Tensor, teacher_out: Tensor, kind: str, temperature: float) -> Tensor:
+    if student_out.shape != teacher_out.shape:
+        raise ValueError(f"student output shape {tuple(student_out.shape)} differs from teacher "
+                         f"output shape {tuple(teacher_out.shape)}; the student must be the "
+                         f"teacher converted by swap_linears_ (same output width)")
     if kind == "mse":
         return F.mse_loss(student_out.float(), teacher_out.float())
     log_p = F.log_softmax(student_out.float() / temperature, dim=-1)
@@ -44,17 +49,51 @@ def _loss(student_out: Tensor, teacher_out: Tensor, kind: str, temperature: floa
     return kl * temperature**2
 
 
+def _row_masks(student: nn.Module, trained: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """``(parameter, mask)`` for the trained ``ex`` / ``d`` of every batch-grouped,
+    row-separable layer: gradients outside the mask are zeroed so that the layer stays
+    row-separable (:func:`~stl_compiler.fit.calibrate.row_support`). A sharded (DTensor)
+    parameter gets its mask sharded the same way."""
+    ids = {id(p) for p in trained}
+    masks = []
+    for layer in student.modules():
+        if not isinstance(layer, STLLinear):
+            continue
+        support = row_support(layer)
+        if support is None:
+            continue
+        for p, mask in zip((layer.ex, layer.d), support):
+            if id(p) in ids:
+                if dist_.is_sharded(p):
+                    from torch.distributed.tensor import distribute_tensor
+
+                    mask = distribute_tensor(mask, p.device_mesh, p.placements)
+                masks.append((p, mask))
+    return masks
+
+
 def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *,
             steps: int = 100, lr: float = 1e-3, loss: str = "kl", temperature: float = 1.0,
             params: str = "stl", warmup: int = 0, features: Sequence[str] = (),
-            feature_weight: float = 1.0, progress: bool = True) -> list[float]:
+            feature_weight: float = 1.0, shard: str = "rows", progress: bool = True
+            ) -> list[float]:
     """Fine-tune ``student`` to reproduce ``teacher``'s outputs.
 
     Trained: every :class:`~stl_compiler.STLLinear`'s ``weight_encoded`` (a free "fake
-    encoding") and ``bias``, and its ``ex`` / ``d`` unless frozen (``train_basis=False``);
+    encoding") and ``bias``, and its ``ex`` / ``d`` unless frozen (``train_basis=False``;
+    a ``row_grouping="batch"`` layer with a row-separable basis keeps it row-separable: each
+    term's ``ex`` / ``d`` change only within its own tile row, so batched sequences stay
+    independent);
     with ``params="all"`` also every other parameter of ``student`` that has
     ``requires_grad=True``. Adam; the learning rate rises linearly over ``warmup`` steps, then
     decays with a cosine to ``lr / 20``.
+
+    Inside a torch.distributed job (an initialized process group with several ranks) every
+    rank calls ``distill`` with the same arguments: rank 0's student parameters are broadcast,
+    each rank runs its share of every batch (``shard``), gradients are averaged over ranks
+    (one all-reduce per step; a student sharded with FSDP2 ``fully_shard`` reduces its own),
+    and every rank returns the same loss curve: with ``shard="rows"`` the curve and the
+    parameters match a single-process run on the same batches (docs/distributed.md).
 
     Args:
         student: the converted model (changed in place).
@@ -76,10 +115,14 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
             (and per call). On the character LM of docs/quality.md it lowered the distilled
             perplexity by 0.2-0.4 at ranks 24-40.
         feature_weight: weight of each feature term (> 0).
-        progress: show a progress bar on stderr.
+        shard: with a process group, how ranks share the batches: ``"rows"`` (every rank
+            passes the same batches, each takes an equal slice of dim 0: a step sees the whole
+            global batch), ``"batches"`` (each rank takes every world-size-th batch whole) or
+            ``"local"`` (the batches are already this rank's own). Ignored in one process.
+        progress: show a progress bar on stderr (rank 0 only).
 
     Returns:
-        The loss curve: the loss of every step.
+        The loss curve: the loss of every step (averaged over ranks).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -102,6 +145,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
     for name, model in (("student", student), ("teacher", teacher)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+    check_not_compiled(student, "distill")
+    if isinstance(student, nn.parallel.DistributedDataParallel):
+        raise TypeError("distill averages gradients over ranks itself: pass the plain student "
+                        "(student.module), not a DistributedDataParallel wrapper")
     trained = [p for m in student.modules() if isinstance(m, STLLinear)
                for n, p in m.named_parameters(recurse=False)
                if n in ("weight_encoded", "bias") or p.requires_grad]
@@ -111,9 +158,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
     if params == "all":
         ids = {id(p) for p in trained}
         trained += [p for p in student.parameters() if p.requires_grad and id(p) not in ids]
-    batches = list(batches)
-    if not batches:
-        raise ValueError("batches is empty: distillation needs at least one input batch")
+    batches = dist_.local_batches(batches, shard)
+    dist_.check_every_rank_has(batches, shard, "distillation")
     modules = {}
     for name in features:
         for who, model in (("student", student), ("teacher", teacher)):
@@ -128,6 +174,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
         p.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)
+    dist_.broadcast_module(student)
+    row_masks = _row_masks(student, trained)
     opt = torch.optim.Adam(trained, lr=lr)
 
     def factor(step: int) -> float:
@@ -137,7 +185,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
         return 0.05 + 0.475 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    bar = Progress(steps, "distill", progress)
+    bar = Progress(steps, "distill", progress and dist_.is_main())
     curve: list[float] = []
     seen: dict[str, list[Tensor]] = {"student": [], "teacher": []}
     hooks = [module.register_forward_hook(
@@ -145,7 +193,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
             _output_tensor(out, f"{who} submodule {name!r}")))
         for (who, name), module in modules.items()]
     try:
-        for batch in itertools.islice(itertools.cycle(batches), steps):
+        for step, batch in enumerate(itertools.islice(itertools.cycle(batches), steps)):
             seen["student"].clear()
             seen["teacher"].clear()
             with torch.no_grad():
@@ -157,14 +205,28 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
                     raise ValueError(f"features: the student called them "
                                      f"{len(seen['student'])} times, the teacher "
                                      f"{len(seen['teacher'])} times")
+            if seen["teacher"]:  # every rank runs the same modules: the same count
+                # the teacher's mean square over the global batch (all ranks), so that
+                # sharded steps add up to the single-process loss
+                scale = dist_.all_reduce_mean(torch.stack(
+                    [b.float().square().mean() for b in seen["teacher"]]))
                 value = value + feature_weight * sum(
-                    F.mse_loss(a.float(), b.float()) / b.float().square().mean().clamp_min(1e-12)
-                    for a, b in zip(seen["student"], seen["teacher"]))
+                    F.mse_loss(a.float(), b.float()) / s.clamp_min(1e-12)
+                    for a, b, s in zip(seen["student"], seen["teacher"], scale))
             opt.zero_grad(set_to_none=True)
             value.backward()
+            dist_.average_gradients(trained)
+            curve.append(float(dist_.all_reduce_mean(value.detach().clone())))
+            if not math.isfinite(curve[-1]):
+                raise ValueError(f"distill: the loss is not finite at step {step} (batch "
+                                 f"{step % len(batches)} of this rank); the parameters keep "
+                                 f"their values from before this step. Check that batch for "
+                                 f"NaN/Inf, or lower lr (now {lr})")
+            for p, mask in row_masks:  # a zero gradient from the start: Adam never moves it
+                if p.grad is not None:
+                    p.grad.masked_fill_(~mask, 0.0)
             opt.step()
             sched.step()
-            curve.append(float(value.detach()))
             bar.update(1, loss=curve[-1])
     finally:
         bar.close()

@@ -20,7 +20,7 @@ from .alpha import Samples, _is_gaussian, tile_samples, whitening
 
 __all__ = ["fit_basis", "balance", "INITS", "METHODS"]
 
-INITS = ("strassen-pruned", "random", "deflate")
+INITS = ("strassen-pruned", "random", "deflate", "deflate-dps48")
 METHODS = ("als", "sgd")
 Mats = list[torch.Tensor]
 _SPECS = ("abc,pb,pc->pa", "abc,pa,pc->pb", "abc,pa,pb->pc")
@@ -97,6 +97,16 @@ def _check_count(value: object, name: str, minimum: int) -> int:
     return value
 
 
+def _exact_start(init: str, tile: int) -> STLBasis:
+    """The exact basis a deflation starts from: Strassen's, or the rank-48 ``bases.dps48``."""
+    if init == "deflate":
+        return bases.strassen(tile)
+    if tile != 4:
+        raise ValueError(f"init={init!r} deflates the rank-48 scheme for 4x4 tiles, the fit asks "
+                         f"for tile {tile}; use init='deflate' (from Strassen)")
+    return bases.dps48()
+
+
 def _initial(init: str | STLBasis, tile: int, rank: int, seed: int) -> STLBasis:
     if isinstance(init, STLBasis):
         if (init.tile, init.rank) != (tile, rank):
@@ -140,11 +150,13 @@ def fit_basis(tile: int = 4, rank: int = 24, *, data: str | Samples = "gaussian"
             ``(N, t*t)`` (the objective is exact for X and W drawn independently from them).
         init: ``"strassen-pruned"`` (a random subset of Strassen's rows, paper B.1),
             ``"random"`` (Gaussian), ``"deflate"`` (from Strassen's exact basis, drop the row
-            whose removal refits best, one at a time; deterministic), or an :class:`STLBasis`.
+            whose removal refits best, one at a time; deterministic), ``"deflate-dps48"``
+            (the same from the exact rank-48 scheme :func:`bases.dps48`, tile 4 only), or an
+            :class:`STLBasis`.
         method: ``"als"`` (alternating least squares with a decaying ridge) or ``"sgd"``
             (Adam on the exact loss, learning rate ``lr``, as in the paper).
         restarts: independent fits (init seeds ``seed``, ``seed+1``, ...); the best is kept.
-            ``"deflate"`` and an explicit basis are deterministic and fit once.
+            Deflation and an explicit basis are deterministic and fit once.
         steps: ALS sweeps or SGD steps per restart.
         seed: seed of the first restart.
         ridge: ALS penalty ``ridge · Σ_p c_p²`` with ``c_p = ‖ex[p]‖‖ew[p]‖‖d[p]‖`` (the
@@ -173,24 +185,24 @@ def fit_basis(tile: int = 4, rank: int = 24, *, data: str | Samples = "gaussian"
     lx, lw = whitening(samples, tile)
     target = torch.einsum("abc,aA,bB->ABc", tile_product_tensor(tile), lx, lw)
 
-    deterministic = isinstance(init, STLBasis) or init == "deflate"
-    runs = 1 if deterministic else restarts
-    exact_rank = bases.strassen(tile).rank if init == "deflate" else rank
-    if init == "deflate" and rank > exact_rank:
-        raise ValueError(f"init='deflate' starts from Strassen's rank-{exact_rank} basis and "
-                         f"cannot give rank {rank}; use init='random'")
+    deflate = isinstance(init, str) and init.startswith("deflate")
+    exact = _exact_start(init, tile) if deflate else None
+    runs = 1 if deflate or isinstance(init, STLBasis) else restarts
+    exact_rank = exact.rank if exact is not None else rank
+    if rank > exact_rank:
+        raise ValueError(f"init={init!r} starts from the exact rank-{exact_rank} basis "
+                         f"{exact.name!r} and cannot give rank {rank}; use init='random'")
     bar = Progress(runs * steps + (exact_rank - rank), f"fit-basis t={tile} r={rank}", progress)
     t2 = tile * tile
     best: tuple[Mats, float] = ([], math.inf)
     for run in range(runs):
-        start = (bases.strassen(tile) if init == "deflate"
-                 else _initial(init, tile, rank, seed + run))
+        start = exact if exact is not None else _initial(init, tile, rank, seed + run)
         mats = [start.ex @ lx, start.ew @ lw, start.d.clone()]
 
         def tick(err: float, run: int = run, prior: float = best[1]) -> None:
             bar.update(1, restart=run + 1, alpha=min(err, prior) / t2)
 
-        if init == "deflate":
+        if deflate:
             mats = _deflate(target, mats, rank, 30, schedule, tick)
         if method == "als":
             fitted = _als(target, mats, steps, schedule, tick)

@@ -15,6 +15,7 @@ from .canonicalize_pointwise import canonicalize_pointwise
 from .context import PassContext
 from .decompose_sdpa import decompose_sdpa
 from .fuse_decode_encode import fuse_decode_encode
+from .fuse_gemm_decode import fuse_gemm_decode
 from .fuse_row_strip import fuse_row_strip
 from .lower_sites import lower_sites
 from .record_site_io import record_site_io
@@ -33,6 +34,7 @@ PASSES: list[Pass] = [
     canonicalize_pointwise,
     fuse_row_strip,
     fuse_decode_encode,
+    fuse_gemm_decode,
 ]
 
 

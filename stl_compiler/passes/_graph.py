@@ -9,6 +9,9 @@ from torch import fx, nn
 
 aten = torch.ops.aten
 
+#: node.meta key: rewrite_linear reported this node as (part of) a linear site
+LINEAR_SITE = "stl_linear_site"
+
 
 def concrete(dim: int | torch.SymInt) -> int:
     """The example value of a (possibly symbolic) size."""
@@ -37,6 +40,29 @@ def parameter_of(gm: fx.GraphModule, node: object) -> nn.Parameter | None:
     except AttributeError:
         return None
     return value
+
+
+def _is_2d_transpose(node: fx.Node) -> bool:
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return True
+    if node.target is aten.transpose.int:
+        return {d % 2 for d in node.args[1:3]} == {0, 1}
+    if node.target is aten.permute.default:
+        return [d % 2 for d in node.args[1]] == [1, 0]
+    return False
+
+
+def weight_operand(gm: fx.GraphModule, node: object) -> tuple[fx.Node, fx.Node | None] | None:
+    """``(get_attr node, transpose node or None)`` when ``node`` is a 2-D parameter or a
+    transpose of one (``w.T``, ``w.t()``, ``w.transpose(0, 1)``, ``w.permute(1, 0)``), else None.
+    """
+    if parameter_of(gm, node) is not None:
+        return node, None
+    if (isinstance(node, fx.Node) and node.op == "call_function" and _is_2d_transpose(node)
+            and parameter_of(gm, node.args[0]) is not None
+            and parameter_of(gm, node.args[0]).dim() == 2):
+        return node.args[0], node
+    return None
 
 
 def module_path(node: fx.Node) -> str:

@@ -23,7 +23,12 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 def attention_probs(scores: Tensor, head_dim: int, attn_mask: Tensor | None, dropout_p: float,
                     is_causal: bool, scale: float | None) -> Tensor:
-    """softmax(scale·QKᵀ + masks), then dropout: the part of SDPA between its two matmuls."""
+    """softmax(scale·QKᵀ + masks), then dropout: the part of SDPA between its two matmuls.
+
+    The softmax is SDPA's own ``aten._safe_softmax``: a fully masked query row (left padding,
+    padding masks) gets probabilities 0, so its output is 0 as SDPA's, where a plain softmax
+    gives NaN that the STL tiles of the next matmul would spread to every row of the tile.
+    """
     scores = scores * (1.0 / math.sqrt(head_dim) if scale is None else scale)
     rows, cols = scores.shape[-2], scores.shape[-1]
     if is_causal:
@@ -34,7 +39,7 @@ def attention_probs(scores: Tensor, head_dim: int, attn_mask: Tensor | None, dro
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.ops.aten._safe_softmax.default(scores, -1)
     return torch.dropout(probs, dropout_p, True) if dropout_p > 0 else probs
 
 

@@ -371,13 +371,24 @@ def _parse_scores(gm: fx.GraphModule, node: object, found: dict) -> Branch | Non
     return branch if branch is not None and branch.bias is None else None
 
 
-def _match_softmax(gm: fx.GraphModule, value: fx.Node) -> SoftmaxStrip | None:
-    if value.target is aten.softmax.int or (value.target is aten._softmax.default
-                                            and not value.args[2]):
-        ndim = value.meta["val"].dim()
-        if value.args[1] % ndim != ndim - 1:
-            return None
+def _is_last_dim_softmax(value: fx.Node) -> bool:
+    """A softmax over the last dim with no dtype change: ``softmax``, ``_softmax`` (no half to
+    float) or SDPA's ``_safe_softmax`` (what :mod:`.decompose_sdpa` writes; 0 for a fully
+    masked row, as ``stl::decode_softmax_encode`` gives for every spelling: a plain softmax's
+    NaN there would only spread)."""
+    if value.target is aten._softmax.default:
+        plain = not value.args[2]
+    elif value.target in (aten.softmax.int, aten._safe_softmax.default):
+        dtype = value.args[2] if len(value.args) > 2 else value.kwargs.get("dtype")
+        plain = dtype in (None, value.args[0].meta["val"].dtype)
     else:
+        return False
+    ndim = value.meta["val"].dim()
+    return plain and value.args[1] % ndim == ndim - 1
+
+
+def _match_softmax(gm: fx.GraphModule, value: fx.Node) -> SoftmaxStrip | None:
+    if not _is_last_dim_softmax(value):
         return None
     found = {"nodes": [value]}
     branch = _parse_scores(gm, value.args[0], found)

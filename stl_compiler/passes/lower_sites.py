@@ -25,7 +25,6 @@ def lower_sites(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return lowered
 
 
-
 def _share_sizes(graph: fx.Graph) -> None:
     """Read each symbolic size from its first source (an input), not from the activation at
     hand: a decoded tensor read only for its size could not be fused away."""

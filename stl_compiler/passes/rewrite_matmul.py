@@ -1,28 +1,35 @@
 """Rewrite activation × activation products (``matmul``, ``bmm``, ``mm``, batched-matmul
 ``einsum``: attention QKᵀ and AV) into :class:`~stl_compiler.nn.STLMatmul` sites, with both
 operands encoded at run time. Other matmul-like ops stay dense and are reported.
+
+In a model that already holds ``STLLinear`` layers (calibrated or trained), these sites stay
+dense unless ``STLConfig.targets`` names "matmul" explicitly: converting them would add
+uncalibrated error to a tuned model. Either way a warning says what happened. This is the last
+rewrite pass, so it also warns about override patterns that matched no site.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import fx
 
-from ..functional import dense_flops, stl_flops
+from ..functional import dense_bytes, dense_flops, stl_bytes, stl_flops
 from ..nn import STLLinear, STLMatmul
 from ..report import SiteRow
 from ._graph import (
+    LINEAR_SITE,
     aten,
     insert_call,
     module_path,
-    parameter_of,
     relative_error,
     set_submodule,
     shape_of,
+    weight_operand,
 )
-from .context import PassContext
+from .context import PassContext, warn_unused_overrides
 
 _MATMULS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
 #: Matmul-like ops the pass knows it does not rewrite: reported as dense.
@@ -65,8 +72,11 @@ def site_name(node: fx.Node) -> str:
 
 
 def rewrite_matmul(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    stl_layers = sorted({module_path(n) for n in gm.graph.nodes if _inside_stl_module(n)})
+    targets = ctx.config.targets_for(has_stl_layers=bool(stl_layers))
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or _inside_stl_module(node):
+        if (node.op != "call_function" or _inside_stl_module(node)
+                or LINEAR_SITE in node.meta):  # a linear site: rewrite_linear reported it
             continue
         if node.target in UNSUPPORTED:
             _report_dense(ctx, node, f"unsupported op: the STL pass does not rewrite "
@@ -84,8 +94,32 @@ def rewrite_matmul(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             (a, b), transposed = node.args[:2], False
         else:
             continue
-        _rewrite_one(gm, ctx, node, a, b, transposed)
+        _rewrite_one(gm, ctx, node, a, b, transposed, targets)
+    if stl_layers:
+        _warn_next_to_stl_layers(ctx, len(stl_layers))
+    warn_unused_overrides(ctx)
     return gm
+
+
+def _warn_next_to_stl_layers(ctx: PassContext, layers: int) -> None:
+    """Say what happened to act×act sites in a model that already held STL layers."""
+    matmuls = [s for s in ctx.report.sites if s.kind == "matmul"]
+    converted = [s.name for s in matmuls if s.converted]
+    held = [s.name for s in matmuls if s.reason.startswith(_HELD_DENSE)]
+    if converted:
+        warnings.warn(f"stl_compile: {len(converted)} activation x activation site(s) converted "
+                      f"UNCALIBRATED in a model with {layers} STL layer(s) already "
+                      f"(calibrated or trained): {', '.join(converted[:4])}"
+                      f"{' ...' if len(converted) > 4 else ''}; their error adds to the "
+                      f"model's (see module.stl_report)", stacklevel=5)
+    elif held:
+        warnings.warn(f"stl_compile: the model already holds {layers} STL layer(s), so its "
+                      f"{len(held)} activation x activation site(s) stay dense (converting them "
+                      f"would add uncalibrated error); STLConfig(targets={{'linear', "
+                      f"'matmul'}}) converts them anyway", stacklevel=5)
+
+
+_HELD_DENSE = "kept dense next to the model's STL layers"
 
 
 def _report_dense(ctx: PassContext, node: fx.Node, reason: str) -> None:
@@ -95,7 +129,7 @@ def _report_dense(ctx: PassContext, node: fx.Node, reason: str) -> None:
 
 
 def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node, b: fx.Node,
-                 transposed: bool) -> None:
+                 transposed: bool, targets: frozenset[str]) -> None:
     config = ctx.config
     name = site_name(node)
     a_shape, b_shape = shape_of(a), shape_of(b)
@@ -109,11 +143,20 @@ def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node
         return
     n, k, m = a_shape[-2], a_shape[-1], b_shape[-1]
     batch = math.prod(torch.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
+    itemsize = a.meta["val"].element_size()
     row.dense_flops = batch * dense_flops(n, k, m)
-    row.reason = _skip_reason(gm, ctx, name, node, a, b, n, k, m)
+    row.dense_bytes = batch * dense_bytes(n, k, m, itemsize=itemsize)
+    row.reason = _skip_reason(gm, ctx, name, a, b, n, k, m, targets)
     if row.reason:
         return
     spec = config.site_spec(name)
+    row.stl_flops = batch * stl_flops(n, k, m, spec.tile, spec.rank, encode_w=True)
+    row.stl_bytes = batch * stl_bytes(n, k, m, spec.tile, spec.rank, encode_w=True,
+                                      itemsize=itemsize)
+    row.reason = config.cost_reason(row.dense_flops, row.stl_flops, row.dense_bytes,
+                                    row.stl_bytes, f" (n={n}, k={k}, m={m})")
+    if row.reason:
+        return
     module = STLMatmul(spec.basis, dtype=a.meta["val"].dtype, device=a.meta["val"].device)
     set_submodule(gm, name, module)
     with gm.graph.inserting_before(node):
@@ -126,18 +169,21 @@ def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node
     stack[f"stl_site_{name}"] = (name, f"{STLMatmul.__module__}.{STLMatmul.__qualname__}")
     new.meta["nn_module_stack"] = stack
     row.converted, row.tile, row.rank, row.basis = True, spec.tile, spec.rank, spec.basis.name
-    row.stl_flops = batch * stl_flops(n, k, m, spec.tile, spec.rank, encode_w=True)
+    row.isolated = True  # "tokens" grouping: a tile's rows are positions of one sequence
     row.rel_error = _measure(ctx, module, node, transposed)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
 
 
-def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, node: fx.Node, a: fx.Node,
-                 b: fx.Node, n: int, k: int, m: int) -> str:
+def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, a: fx.Node, b: fx.Node,
+                 n: int, k: int, m: int, targets: frozenset[str]) -> str:
     config = ctx.config
-    if parameter_of(gm, a) is not None or parameter_of(gm, b) is not None:
+    if weight_operand(gm, a) is not None or weight_operand(gm, b) is not None:
         return "unsupported pattern: parameter operand not in the linear (x @ W) position"
-    if "matmul" not in config.targets:
+    if "matmul" not in targets:
+        if config.targets is None:
+            return (f"{_HELD_DENSE} (uncalibrated otherwise); targets={{'linear', "
+                    f"'matmul'}} converts it")
         return "filtered: 'matmul' not in config.targets"
     if config.row_grouping == "batch":
         return ("row_grouping='batch': activation x activation rows are positions of one "
@@ -145,7 +191,7 @@ def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, node: fx.Node,
     spec = config.site_spec(name)
     if spec is None:
         return "skipped by an override"
-    if config.filter_fn is not None and not config.filter_fn(name, node):
+    if config.filter_fn is not None and not config.filter_fn(None, name):
         return "filtered by filter_fn"
     if min(k, m) < config.min_dim:
         return f"too small: min(k, m)={min(k, m)} < min_dim={config.min_dim}"

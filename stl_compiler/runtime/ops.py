@@ -7,10 +7,13 @@ gives the encoded product ``(r, *b, ⌈n/t⌉, ⌈m/t⌉)``, and ``decode(yh, d,
 ``(*b, n, m)``, dropping the padding. Keeping pad and crop inside the ops keeps the graph free
 of slicing, whose symbolic sizes would otherwise specialize dynamic shapes.
 
-Each op has a fake (meta) implementation for torch.export / Inductor, an autograd formula
-(encode and decode are each other's adjoints), and a plain-aten decomposition in
-:data:`DECOMPOSITIONS` that exporters apply so ONNX and TensorRT see standard ops.
-CUDA kernels (Triton) register themselves for the same ops in :mod:`.triton_kernels`.
+Each op is a ``torch.library.triton_op``: one body for every device, which runs the Triton
+kernels where :func:`.triton_kernels.launcher` takes the call (CUDA) and the op's aten
+composite otherwise (CPU, unsupported shapes). torch.compile traces the body, so Inductor
+launches the kernels (or compiles the composite) without calling back into Python. Each op
+also has a fake (meta) implementation for torch.export, an autograd formula (encode and
+decode are each other's adjoints), and a plain-aten decomposition in :data:`DECOMPOSITIONS`
+that exporters apply so ONNX and TensorRT see standard ops.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..tiling import from_tiles, pad_last2, round_up, to_tiles
+from . import triton_kernels
 
 
 def _pad_to_tiles(x: Tensor, tile: int) -> Tensor:
@@ -50,18 +54,29 @@ def _check_crop(encoded: Tensor, tile: int, rows: int, cols: int) -> None:
                          f"(each dim must need exactly that many tiles)")
 
 
-@torch.library.custom_op("stl::encode", mutates_args=())
+def _run(op: str, composite, *args):
+    """The body of ``stl::<op>`` after its checks: its Triton launcher where
+    :func:`.triton_kernels.launcher` takes the call, else its aten composite (outputs made
+    contiguous, as the kernels write them)."""
+    launch = triton_kernels.launcher(op, *args)
+    if launch is not None:
+        return launch(*args)
+    out = composite(*args)
+    return tuple(o.contiguous() for o in out) if isinstance(out, tuple) else out.contiguous()
+
+
+@torch.library.triton_op("stl::encode", mutates_args=())
 def encode(x: Tensor, basis: Tensor, tile: int) -> Tensor:
     """Encode the t×t tiles of ``x (*b, n, k)`` (zero-padded) with ``basis (r, t*t)``
     → ``(r, *b, ⌈n/t⌉, ⌈k/t⌉)``."""
-    return encode_aten(x, basis, tile).contiguous()
+    return _run("encode", encode_aten, x, basis, tile)
 
 
-@torch.library.custom_op("stl::decode", mutates_args=())
+@torch.library.triton_op("stl::decode", mutates_args=())
 def decode(encoded: Tensor, basis: Tensor, tile: int, rows: int, cols: int) -> Tensor:
     """Decode ``encoded (r, *b, a, c)`` with ``basis (r, t*t)`` → ``(*b, rows, cols)``."""
     _check_crop(encoded, tile, rows, cols)
-    return decode_aten(encoded, basis, tile, rows, cols).contiguous()
+    return _run("decode", decode_aten, encoded, basis, tile, rows, cols)
 
 
 @encode.register_fake
@@ -181,30 +196,33 @@ def decode_glu_encode_aten(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | Non
     return encode_aten(_mask_padding(y, rows, cols), ex, tile)
 
 
-@torch.library.custom_op("stl::decode_epilogue", mutates_args=())
+@torch.library.triton_op("stl::decode_epilogue", mutates_args=())
 def decode_epilogue(encoded: Tensor, d: Tensor, bias: Tensor | None, activation: str,
                     scale: float, tile: int, rows: int, cols: int) -> Tensor:
     """Decode with a fused epilogue: ``scale * act(decode(encoded, d) + bias)``, cropped."""
+    check_activation(activation)
     _check_crop(encoded, tile, rows, cols)
-    return decode_epilogue_aten(encoded, d, bias, activation, scale, tile, rows,
-                                cols).contiguous()
+    return _run("decode_epilogue", decode_epilogue_aten, encoded, d, bias, activation, scale,
+                tile, rows, cols)
 
 
-@torch.library.custom_op("stl::decode_act_encode", mutates_args=())
+@torch.library.triton_op("stl::decode_act_encode", mutates_args=())
 def decode_act_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tensor,
                       activation: str, scale: float, tile: int, rows: int, cols: int) -> Tensor:
     """One layer's decode, bias, activation, and the next layer's encode, in one op."""
-    return decode_act_encode_aten(encoded, d, bias, ex, activation, scale, tile, rows,
-                                  cols).contiguous()
+    check_activation(activation)
+    return _run("decode_act_encode", decode_act_encode_aten, encoded, d, bias, ex, activation,
+                scale, tile, rows, cols)
 
 
-@torch.library.custom_op("stl::decode_glu_encode", mutates_args=())
+@torch.library.triton_op("stl::decode_glu_encode", mutates_args=())
 def decode_glu_encode(gate: Tensor, gate_d: Tensor, gate_bias: Tensor | None, up: Tensor,
                       up_d: Tensor, up_bias: Tensor | None, ex: Tensor, activation: str,
                       scale: float, tile: int, rows: int, cols: int) -> Tensor:
     """Two layers' decodes, the gated product, and the next layer's encode, in one op."""
-    return decode_glu_encode_aten(gate, gate_d, gate_bias, up, up_d, up_bias, ex, activation,
-                                  scale, tile, rows, cols).contiguous()
+    check_activation(activation)
+    return _run("decode_glu_encode", decode_glu_encode_aten, gate, gate_d, gate_bias, up, up_d,
+                up_bias, ex, activation, scale, tile, rows, cols)
 
 
 @decode_epilogue.register_fake
@@ -297,10 +315,12 @@ def reencode_aten(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tensor, s
     return out
 
 
-@torch.library.custom_op("stl::reencode", mutates_args=())
+@torch.library.triton_op("stl::reencode", mutates_args=())
 def reencode(encoded: Tensor, d: Tensor, bias: Tensor | None, ex: Tensor, scale: float,
              tile: int, rows: int, cols: int) -> Tensor:
-    """Algebraically fused decode → (bias, scale) → encode; see :func:`reencode_aten`."""
+    """Algebraically fused decode → (bias, scale) → encode; see :func:`reencode_aten`. No
+    Triton kernel: on every device the composite (a small matmul over the rank dim), which
+    torch.compile traces and compiles like the rest of the graph."""
     _check_crop(encoded, tile, rows, cols)
     return reencode_aten(encoded, d, bias, ex, scale, tile, rows, cols).contiguous()
 
@@ -383,7 +403,7 @@ def decode_norm_encode_aten(encoded: Tensor, d: Tensor, bias: Tensor | None,
     return kept, encode_aten(n, ex, tile)
 
 
-@torch.library.custom_op("stl::decode_norm_encode", mutates_args=())
+@torch.library.triton_op("stl::decode_norm_encode", mutates_args=())
 def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual: Tensor | None,
                        norm: str, weight: Tensor | None, norm_bias: Tensor | None,
                        eps: float | None, ex: Tensor, keep: str, tile: int, rows: int, cols: int
@@ -391,9 +411,8 @@ def decode_norm_encode(encoded: Tensor, d: Tensor, bias: Tensor | None, residual
     """One layer's decode, bias and residual add, a LayerNorm/RMSNorm, and the next layers'
     encode, in one op; see :func:`decode_norm_encode_aten`."""
     check_decode_norm_encode(encoded, residual, norm, keep, tile, rows, cols)
-    kept, out = decode_norm_encode_aten(encoded, d, bias, residual, norm, weight, norm_bias, eps,
-                                        ex, keep, tile, rows, cols)
-    return kept.contiguous(), out.contiguous()
+    return _run("decode_norm_encode", decode_norm_encode_aten, encoded, d, bias, residual, norm,
+                weight, norm_bias, eps, ex, keep, tile, rows, cols)
 
 
 @decode_norm_encode.register_fake
@@ -428,19 +447,22 @@ def decode_softmax_encode_aten(encoded: Tensor, d: Tensor, scale: float, mask: T
                                ) -> Tensor:
     """``encode(softmax(scale * decode(encoded, d) + mask, -1), ex)``: ``mask`` is a boolean
     tensor (True: masked out, as ``masked_fill``) or an additive one, broadcast to the scores;
-    ``causal`` masks keys after the query (``ones(rows, cols).tril()`` kept)."""
+    ``causal`` masks keys after the query (``ones(rows, cols).tril()`` kept). A fully masked
+    query row (every score -inf: left padding) gets probabilities 0, as in
+    ``scaled_dot_product_attention`` (``aten._safe_softmax``), where a plain softmax gives NaN
+    (which the next encode would spread over the whole tile row)."""
     s = _masked_scores(encoded, d, scale, mask, causal, tile, rows, cols)
-    return encode_aten(torch.softmax(s, dim=-1), ex, tile)
+    return encode_aten(torch.ops.aten._safe_softmax.default(s, -1), ex, tile)
 
 
-@torch.library.custom_op("stl::decode_softmax_encode", mutates_args=())
+@torch.library.triton_op("stl::decode_softmax_encode", mutates_args=())
 def decode_softmax_encode(encoded: Tensor, d: Tensor, scale: float, mask: Tensor | None,
                           causal: bool, ex: Tensor, tile: int, rows: int, cols: int) -> Tensor:
     """Attention scores' decode, scale, mask and softmax, and the AV site's encode, in one op;
     see :func:`decode_softmax_encode_aten`."""
     _check_crop(encoded, tile, rows, cols)
-    return decode_softmax_encode_aten(encoded, d, scale, mask, causal, ex, tile, rows,
-                                      cols).contiguous()
+    return _run("decode_softmax_encode", decode_softmax_encode_aten, encoded, d, scale, mask,
+                causal, ex, tile, rows, cols)
 
 
 @decode_softmax_encode.register_fake
@@ -450,3 +472,6 @@ def _decode_softmax_encode_fake(encoded, d, scale, mask, causal, ex, tile, rows,
 
 _register_recompute_autograd(decode_softmax_encode, decode_softmax_encode_aten)
 DECOMPOSITIONS[torch.ops.stl.decode_softmax_encode.default] = decode_softmax_encode_aten
+
+# Every op is defined: name their Triton kernels to torch's compile caches.
+triton_kernels.record_kernels()

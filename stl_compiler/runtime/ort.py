@@ -103,28 +103,67 @@ def _checked_array(name: str, value: Any, dtype: Any, shape: list) -> np.ndarray
     if not isinstance(value, np.ndarray):
         raise TypeError(f"input {name!r} must be a torch.Tensor or numpy array, got "
                         f"{type(value).__name__}")
-    if dtype is not None and value.dtype != dtype:
-        raise TypeError(f"input {name!r} must have dtype {np.dtype(dtype).name}, got "
-                        f"{value.dtype.name}; cast it first (e.g. x.to(torch."
-                        f"{np.dtype(dtype).name}))")
-    expected = "(" + ", ".join(str(d) if d is not None else "?" for d in shape) + ")"
-    if value.ndim != len(shape):
-        raise ValueError(f"input {name!r} must have rank {len(shape)} {expected}, got shape "
-                         f"{tuple(value.shape)}")
-    for axis, (want, got) in enumerate(zip(shape, value.shape)):
-        if isinstance(want, int) and want != got:
-            raise ValueError(f"input {name!r} dim {axis} must be {want} {expected}, got shape "
-                             f"{tuple(value.shape)}")
+    check_input(name, value.dtype.name, tuple(value.shape),
+                None if dtype is None else np.dtype(dtype).name, shape)
     return np.ascontiguousarray(value)
 
 
-def _has_half_inputs(path: Path) -> bool:
+def check_input(name: str, dtype: str, shape: tuple[int, ...], expected_dtype: str | None,
+                expected_shape: Sequence[int | str | None]) -> None:
+    """Check one input of a deployed model against the model's signature.
+
+    Args:
+        name: the input's name, for the message.
+        dtype, shape: what was given (dtype by name: "float32", "int64", ...).
+        expected_dtype: the dtype the model takes, or None when it is unknown.
+        expected_shape: one entry per dim: an int for a static dim, the dim's name (or None)
+            for a dynamic one.
+
+    Raises:
+        TypeError: the dtype differs (the message says how to cast).
+        ValueError: the rank or a static dim differs (the message shows the expected shape).
+    """
+    if expected_dtype is not None and dtype != expected_dtype:
+        raise TypeError(f"input {name!r} must have dtype {expected_dtype}, got {dtype}; cast "
+                        f"it first (e.g. x.to(torch.{expected_dtype}))")
+    expected = "(" + ", ".join(str(d) if d is not None else "?" for d in expected_shape) + ")"
+    if len(shape) != len(expected_shape):
+        raise ValueError(f"input {name!r} must have rank {len(expected_shape)} {expected}, got "
+                         f"shape {tuple(shape)}")
+    for axis, (want, got) in enumerate(zip(expected_shape, shape)):
+        if isinstance(want, int) and want != got:
+            raise ValueError(f"input {name!r} dim {axis} must be {want} {expected}, got shape "
+                             f"{tuple(shape)}")
+
+
+def _read_model(path: Path) -> Any:
+    """The ModelProto at ``path`` without its weights, or None when onnx is not installed.
+
+    Raises:
+        ValueError: the file is not an ONNX model.
+    """
     try:
         import onnx
+        from google.protobuf.message import DecodeError
     except ImportError:
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as err:
+        raise ValueError(f"{path} is not an ONNX model (it does not parse as one: {err}); "
+                         "give the .onnx file written by export_onnx") from None
+    if not model.HasField("graph"):  # protobuf reads e.g. an empty file as an empty message
+        raise ValueError(f"{path} is not an ONNX model (it holds no graph); give the .onnx file "
+                         "written by export_onnx")
+    return model
+
+
+def _has_half_inputs(model: Any) -> bool:
+    if model is None:
         return False
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in graph.input)
+    from onnx import TensorProto
+
+    return any(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in model.graph.input)
 
 
 def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None, *,
@@ -148,6 +187,11 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None,
     Returns:
         An :class:`ORTSession`; ``session.provider`` says which provider runs the graph (also
         logged at INFO level).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not an ONNX model ONNX Runtime can load, an unknown
+            ``optimization_level``, or unavailable ``providers``.
     """
     from ..exporters._files import existing_file, staged
 
@@ -176,14 +220,24 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None,
         options.intra_op_num_threads = intra_op_num_threads
     # onnxruntime 1.31's CPU NCHWc layout pass crashes the process (segfault) on FP16
     # MatMul graphs such as ours; it only helps convolutions, so leave it out for them.
-    disabled = ["NchwcTransformer"] if _has_half_inputs(path) else []
+    disabled = ["NchwcTransformer"] if _has_half_inputs(_read_model(path)) else []
     kwargs = {"providers": list(providers), "disabled_optimizers": disabled}
     if optimized_model_path is None:
-        session = ort.InferenceSession(str(path), options, **kwargs)
+        session = _inference_session(ort, path, options, kwargs)
     else:
         with staged(optimized_model_path) as staging_path:
             options.optimized_model_filepath = str(staging_path)
-            session = ort.InferenceSession(str(path), options, **kwargs)
+            session = _inference_session(ort, path, options, kwargs)
     result = ORTSession(session)
     log.info("ONNX Runtime runs %s with %s", Path(path).name, result.provider)
     return result
+
+
+def _inference_session(ort: Any, path: Path, options: Any, kwargs: dict[str, Any]) -> Any:
+    """``InferenceSession``; a file ONNX Runtime cannot read as a model is a ValueError."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
+    try:
+        return ort.InferenceSession(str(path), options, **kwargs)
+    except (InvalidProtobuf, InvalidGraph) as err:
+        raise ValueError(f"ONNX Runtime cannot load {path} as a model: {err}") from None

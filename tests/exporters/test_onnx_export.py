@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 import warnings
 
@@ -22,8 +23,10 @@ from stl_compiler.runtime import ort_session
 from stl_compiler.runtime.ops import decode, encode
 
 TOL = 1e-4  # float32 relative error, ORT vs the torch STL module
-EXACT = stl.STLConfig(basis="strassen", tile=4, min_dim=1)
-RANK24 = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1)
+# max_cost_ratio=None: convert whatever it costs (these tiny models cost more in STL than
+# dense); the tests check the export, not the cost guard.
+EXACT = stl.STLConfig(basis="strassen", tile=4, min_dim=1, max_cost_ratio=None)
+RANK24 = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1, max_cost_ratio=None)
 
 
 def mlp() -> MLP:
@@ -310,3 +313,70 @@ def test_output_path_is_a_directory(tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         export_onnx(nn.Linear(8, 4), torch.randn(2, 6, 8), tmp_path / "model.onnx")
     assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, "float16"])
+def test_unsupported_dtype(tmp_path, dtype):
+    with pytest.raises(ValueError, match=r"dtype must be one of torch.float32, torch.float16, "
+                                         r"torch.bfloat16, torch.float64 .*got"):
+        export_onnx(nn.Linear(8, 4), torch.randn(2, 6, 8), tmp_path / "m.onnx", dtype=dtype)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("opset", [7, 17, 99, True, "18"])
+def test_unsupported_opset(tmp_path, opset):
+    with pytest.raises(ValueError, match=r"opset must be an int from 18 to \d+ .*got"):
+        export_onnx(nn.Linear(8, 4), torch.randn(2, 6, 8), tmp_path / "m.onnx", opset=opset)
+    assert os.listdir(tmp_path) == []
+
+
+def test_opset_fallback_is_an_error(tmp_path, monkeypatch):
+    """torch writes its lowest opset when asked for a lower one, with only a log line: if
+    that ever happens for an opset we accept, export_onnx refuses instead of lying."""
+    monkeypatch.setattr("stl_compiler.exporters.onnx.supported_opsets", lambda: range(17, 24))
+    padding = nn.ConstantPad1d((0, 3), 0.0)  # Pad (as in STL sites): no opset-17 adapter
+    with pytest.raises(RuntimeError, match="wrote opset 18 instead of the requested 17"):
+        export_onnx(padding, torch.randn(2, 6, 8), tmp_path / "m.onnx", opset=17)
+    assert os.listdir(tmp_path) == []
+
+
+def test_example_the_model_cannot_run(tmp_path):
+    """The eager error, not torch.export's symbolic-shape puzzle; nothing written."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU())
+    with pytest.raises(ValueError, match=r"the model fails on the example input \(input: "
+                                         r"float32\[2, 6, 31\]\): RuntimeError: mat1 and mat2 "
+                                         r"shapes cannot be multiplied") as error:
+        export_onnx(model, torch.randn(2, 6, 31), tmp_path / "m.onnx")
+    assert isinstance(error.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match=r"\(input 0: float32\[2, 6, 32\], input 1: "
+                                         r"float32\[2, 6, 32\]\) do not fit Sequential.forward"
+                                         r"\(input\): too many positional arguments"):
+        export_onnx(model, (torch.randn(2, 6, 32), torch.randn(2, 6, 32)), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+    assert model.training  # the eager check leaves the caller's mode as it was
+
+
+class WarnsInForward(nn.Linear):
+    def forward(self, x):
+        warnings.warn("the model's own warning", UserWarning, stacklevel=2)
+        return super().forward(x)
+
+
+def test_torch_internal_chatter_is_muted(tmp_path):
+    """torch's pytree FutureWarning and the exporter's torchvision log lines are dropped;
+    the model's own warnings still show."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_onnx(WarnsInForward(8, 4), torch.randn(2, 6, 8), tmp_path / "m.onnx")
+    finally:
+        registration.removeHandler(handler)
+    messages = [str(w.message) for w in caught]
+    assert "the model's own warning" in messages
+    assert not [m for m in messages if "LeafSpec" in m], messages
+    assert not [r for r in records if "torchvision" in r.getMessage()]

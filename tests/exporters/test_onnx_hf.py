@@ -73,14 +73,15 @@ def test_hf_model_ort_parity(tmp_path, name, basis):
     factory, example, inputs = CASES[name]
     dense = factory().eval()
     if basis == "strassen":
-        config = stl.STLConfig(basis="strassen", tile=4, min_dim=1)
+        config = stl.STLConfig(basis="strassen", tile=4, min_dim=1, max_cost_ratio=None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = stl.stl_compile(dense, (example,), config, backend="eager")
         assert module.stl_report.converted
         reference = dense  # an exact basis keeps the dense outputs
     else:
-        config = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1)
+        config = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1,
+                               max_cost_ratio=None)
         module = copy.deepcopy(dense)
         outcome = stl.swap_linears_(module, config)
         assert "converted" in outcome.values()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import onnx
@@ -116,3 +117,26 @@ def test_bad_optimization_level(model_path):
 def test_bad_run_inputs(model_path, inputs, named, error, match):
     with pytest.raises(error, match=match):
         ort_session(model_path).run(*inputs, **named)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"def make():\n    return 1\n", "is not an ONNX model .it does not parse as one"),
+    (b"", "is not an ONNX model .it holds no graph"),
+])
+def test_not_an_onnx_file(tmp_path, content, match):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as error:
+        ort_session(path)
+    assert str(path) in str(error.value) and "export_onnx" in str(error.value)
+
+
+def test_onnx_runtime_load_errors_name_the_file(model_path, tmp_path, monkeypatch):
+    """Without the onnx package the file reaches ONNX Runtime, whose parse error is also
+    reported as a ValueError naming the file."""
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ValueError, match=f"ONNX Runtime cannot load {path} as a model"):
+        ort_session(path)
+    assert ort_session(model_path).provider == "CPUExecutionProvider"

@@ -82,9 +82,9 @@ def test_stl_model_graph_is_tensorrt_parseable(tmp_path):
     example = torch.randn(2, 6, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = stl.stl_compile(model, (example,), stl.STLConfig(basis="strassen",
-                                                                    min_dim=1),
-                                   backend="eager")
+        config = stl.STLConfig(basis="strassen", min_dim=1, max_cost_ratio=None)
+        compiled = stl.stl_compile(model, (example,), config, backend="eager")
+    assert len(compiled.stl_report.converted) == 2
     path = export_onnx(compiled, example, tmp_path / "m.onnx")
     assert unsupported_tensorrt_ops(path) == {}
 
@@ -295,7 +295,8 @@ def test_torch_tensorrt_gets_a_plain_aten_program(monkeypatch):
     fake.dynamo = types.SimpleNamespace(compile=compile)
     monkeypatch.setitem(sys.modules, "torch_tensorrt", fake)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
-    stl.swap_linears_(model, stl.STLConfig(basis="strassen", min_dim=1))
+    config = stl.STLConfig(basis="strassen", min_dim=1, max_cost_ratio=None)
+    assert set(stl.swap_linears_(model, config).values()) == {"converted"}
     x = torch.randn(2, 6, 32)
     assert compile_with_torch_tensorrt(model, (x,), workspace_size=1 << 20) == "trt-module"
     targets = {str(n.target) for n in received["program"].graph.nodes
@@ -310,7 +311,7 @@ def test_torch_tensorrt_gets_a_plain_aten_program(monkeypatch):
 @NEEDS_TENSORRT
 def test_real_engine_matches_torch(tmp_path):
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 24)).eval()
-    stl.swap_linears_(model, stl.STLConfig(basis="strassen", min_dim=1))
+    stl.swap_linears_(model, stl.STLConfig(basis="strassen", min_dim=1, max_cost_ratio=None))
     path = export_onnx(model, torch.randn(2, 6, 32), tmp_path / "m.onnx")
     engine = build_tensorrt_engine(path, tmp_path / "m.plan", fp16=False,
                                    min_shapes={"input": (1, 1, 32)},

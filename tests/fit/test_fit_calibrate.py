@@ -1,5 +1,6 @@
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -31,8 +32,8 @@ def test_calibrate_lowers_every_layer_error_and_never_raises_it(row_grouping, st
     torch.manual_seed(0)
     dense = Mlp()
     model = copy.deepcopy(dense)
-    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8, row_grouping=row_grouping),
-                      keep_reference=True)
+    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8, row_grouping=row_grouping,
+                                           max_cost_ratio=None), keep_reference=True)
     table = calibrate(model, _batches(), steps=steps, progress=False)
     assert [r["layer"] for r in table.rows] == ["up", "down"]
     for row in table.rows:
@@ -55,7 +56,8 @@ def test_calibrate_lowers_every_layer_error_and_never_raises_it(row_grouping, st
 def test_calibrate_never_increases_error_of_an_already_calibrated_model():
     torch.manual_seed(1)
     model = Mlp()
-    stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=8), keep_reference=True)
+    stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=8, max_cost_ratio=None),
+                      keep_reference=True)
     first = calibrate(model, _batches(), steps=1, progress=False)
     second = calibrate(model, _batches(), steps=1, progress=False)
     for b in second.rows:
@@ -78,7 +80,7 @@ def test_calibrate_uses_the_teacher_and_explains_missing_references():
     torch.manual_seed(3)
     dense = Mlp()
     model = copy.deepcopy(dense)
-    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8))
+    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8, max_cost_ratio=None))
     with pytest.raises(ValueError, match="keep_reference=True"):
         calibrate(model, _batches(), progress=False)
     with pytest.raises(ValueError, match="no nn.Linear named 'up'"):
@@ -94,7 +96,8 @@ def test_calibrate_uses_the_teacher_and_explains_missing_references():
 def test_calibrate_reports_layers_the_batches_never_call():
     torch.manual_seed(4)
     model = nn.ModuleDict({"used": nn.Linear(16, 16), "unused": nn.Linear(16, 16)})
-    stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=8), keep_reference=True)
+    stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=8, max_cost_ratio=None),
+                      keep_reference=True)
     wrapper = nn.Sequential(model["used"])
     wrapper.add_module("unused", model["unused"])  # registered, never called by forward
     wrapper.forward = lambda x: model["used"](x)
@@ -108,12 +111,17 @@ def test_row_separable_basis_keeps_sequences_independent_under_batch_grouping():
     torch.manual_seed(5)
     dense = Mlp()
     model = copy.deepcopy(dense)
-    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8, row_grouping="batch"),
-                      keep_reference=True)
+    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8, row_grouping="batch",
+                                           max_cost_ratio=None), keep_reference=True)
+    general = stl.bases.fitted(4, 24)  # e.g. after training ex, d freely: rows mix
+    with torch.no_grad():
+        for layer in (model.up, model.down):
+            layer.ex.copy_(general.ex)
+            layer.d.copy_(general.d)
     x = torch.randn(8, 5, 24)
     changed = x.clone()
     changed[3] += torch.randn(5, 24)  # another sequence in the same tiles
-    with torch.no_grad():  # the shipped (inexact, general) basis mixes the rows of a tile
+    with torch.no_grad():  # a general (inexact) basis mixes the rows of a tile
         assert not torch.allclose(model(x)[:3], model(changed)[:3], atol=1e-4)
     table = calibrate(model, _batches(), steps=0, basis="row_separable", progress=False)
     keep = (torch.arange(24)[:, None] // 6) == (torch.arange(16)[None] // 4)
@@ -136,7 +144,8 @@ def test_teacher_targets_fit_the_teacher_activations_end_to_end():
     errors = {}
     for target in ("layer", "teacher"):
         model = copy.deepcopy(dense)
-        stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=8, row_grouping="batch"))
+        stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=8, row_grouping="batch",
+                                               max_cost_ratio=None))
         table = calibrate(model, _batches(), teacher=dense, target=target, steps=0,
                           progress=False)
         with torch.no_grad():
@@ -150,7 +159,8 @@ def test_teacher_targets_fit_the_teacher_activations_end_to_end():
 
 def test_calibrate_rejects_bad_options():
     model = Mlp()
-    stl.swap_linears_(model, stl.STLConfig(rank=41, min_dim=8), keep_reference=True)
+    stl.swap_linears_(model, stl.STLConfig(rank=41, min_dim=8, max_cost_ratio=None),
+                      keep_reference=True)
     with pytest.raises(ValueError, match="multiple of its tile"):
         calibrate(model, _batches(), basis="row_separable", progress=False)
     with pytest.raises(ValueError, match="basis must be one of"):
@@ -159,3 +169,92 @@ def test_calibrate_rejects_bad_options():
         calibrate(model, _batches(), target="dense", progress=False)
     with pytest.raises(ValueError, match="pass teacher="):
         calibrate(model, _batches(), target="teacher", progress=False)
+    with pytest.raises(ValueError, match="shard must be one of"):
+        calibrate(model, _batches(), shard="ranks", progress=False)
+
+
+def _stl_mlp(seed):
+    """An Mlp with both layers converted by from_linear (no conversion cost guard)."""
+    torch.manual_seed(seed)
+    model = Mlp()
+    for name in ("up", "down"):
+        setattr(model, name, stl.STLLinear.from_linear(getattr(model, name),
+                                                       stl.bases.fitted(4, 24),
+                                                       keep_reference=True))
+    return model
+
+
+def test_calibrate_rejects_a_non_finite_batch_and_leaves_the_model_unchanged():
+    model = _stl_mlp(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches()
+    batches[1][2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration batch 1 contains NaN or Inf.*nan_to_num"):
+        calibrate(model, batches, progress=False)
+    batches[1][2, 3, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"batch 0 \(item 'x'\) contains NaN"):
+        calibrate(model, [{"x": batches[1]}], progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("solver", ["_solve_weight", "_solve_decoder"])
+def test_calibrate_never_keeps_a_non_finite_iterate(monkeypatch, solver):
+    module = sys.modules["stl_compiler.fit.calibrate"]  # the package exports the function
+    model = _stl_mlp(8)
+    real = getattr(module, solver)
+    monkeypatch.setattr(module, solver, lambda *a: torch.full_like(real(*a), float("nan")))
+    with pytest.warns(UserWarning, match="least-squares solve gave NaN or Inf"):
+        table = calibrate(model, _batches(), steps=2, progress=False)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    for row in table.rows:  # the best finite iterate (the layer as converted at worst)
+        assert row["error_after"] <= row["error_before"]
+    with torch.no_grad():
+        assert bool(torch.isfinite(model(_batches()[0])).all())
+
+
+def test_calibrate_refuses_a_compiled_model():
+    model = _stl_mlp(9)
+    compiled = stl.stl_compile(model, (_batches()[0],), stl.STLConfig(rank=24), backend="eager")
+    with pytest.raises(ValueError, match="calibrate before stl_compile: swap_linears_"):
+        calibrate(compiled, _batches(), progress=False)
+
+
+def _sequence_zero_isolated(model, width):
+    """Sequence 0's output does not move when the 3 sequences sharing its tiles change."""
+    x = torch.randn(8, 5, width)
+    changed = x.clone()
+    changed[1:4] = torch.randn(3, 5, width) * 3
+    with torch.no_grad():
+        ref = model(x)[0]
+        return float((model(changed)[0] - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("basis", ["converted", "row_separable"])
+def test_calibrate_keeps_a_batch_grouped_layer_row_separable(basis):
+    """The decoder's least squares and the encoder's Adam steps stay on each term's own tile
+    row (unconstrained, both move entries into the other rows: sequences would mix)."""
+    torch.manual_seed(6)
+    dense = Mlp()
+    model = copy.deepcopy(dense)
+    stl.swap_linears_(model, stl.STLConfig(rank=24, min_dim=8, row_grouping="batch",
+                                           max_cost_ratio=None), keep_reference=True)
+    table = calibrate(model, _batches(), steps=2, basis=basis, progress=False)
+    assert all(r["error_after"] < r["error_before"] for r in table.rows)
+    for layer in (model.up, model.down):
+        assert stl.tiling.is_row_separable(layer) and layer.rows_isolated
+    assert _sequence_zero_isolated(model, 24) < 1e-6
+
+
+def test_row_support_is_none_unless_batch_grouped_and_row_separable():
+    from stl_compiler.fit.calibrate import row_support
+
+    separable = stl.tiling.row_separable(4, 24)
+    tokens = stl.STLLinear.from_linear(nn.Linear(8, 8), separable)
+    assert row_support(tokens) is None  # rows of one sequence: nothing to preserve
+    mixing = stl.STLLinear.from_linear(nn.Linear(8, 8), stl.bases.fitted(4, 24))
+    mixing.row_grouping = "batch"  # e.g. a layer trained freely before this fix
+    assert row_support(mixing) is None
+    layer = stl.STLLinear.from_linear(nn.Linear(8, 8), separable, row_grouping="batch")
+    ex_mask, d_mask = row_support(layer)
+    row = torch.arange(24)[:, None] // 6 == torch.arange(16)[None] // 4  # term p: row p // 6
+    assert torch.equal(ex_mask, row) and torch.equal(d_mask, row)

@@ -12,7 +12,7 @@ def _pair(seed):
     torch.manual_seed(seed)
     teacher = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
     student = copy.deepcopy(teacher)
-    stl.swap_linears_(student, stl.STLConfig(rank=16, min_dim=8))
+    stl.swap_linears_(student, stl.STLConfig(rank=16, min_dim=8, max_cost_ratio=None))
     return teacher, student
 
 
@@ -39,7 +39,8 @@ def test_distill_lowers_the_distillation_loss(loss):
 def test_distill_respects_a_frozen_basis_and_rejects_bad_input():
     teacher, _ = _pair(1)
     student = copy.deepcopy(teacher)
-    stl.swap_linears_(student, stl.STLConfig(rank=16, min_dim=8), train_basis=False)
+    stl.swap_linears_(student, stl.STLConfig(rank=16, min_dim=8, max_cost_ratio=None),
+                      train_basis=False)
     ex = student[0].ex.detach().clone()
     distill(student, teacher, [torch.randn(8, 16)], steps=3, progress=False)
     assert torch.equal(ex, student[0].ex) and not student[0].ex.requires_grad
@@ -57,7 +58,7 @@ def test_distill_params_all_also_trains_the_dense_rest_and_keeps_frozen_ones():
         student = copy.deepcopy(teacher)
         student.insert(1, nn.LayerNorm(32))
         teacher_ln = copy.deepcopy(student)
-        stl.swap_linears_(student, stl.STLConfig(rank=16, min_dim=8))
+        stl.swap_linears_(student, stl.STLConfig(rank=16, min_dim=8, max_cost_ratio=None))
         student[1].bias.requires_grad_(False)  # frozen by the user: stays frozen
         weight, bias = student[1].weight.detach().clone(), student[1].bias.detach().clone()
         curve = distill(student, teacher_ln, batches, steps=30, lr=3e-3, params=params,
@@ -74,6 +75,8 @@ def test_distill_rejects_bad_params_and_warmup():
     batch = [torch.randn(8, 16)]
     with pytest.raises(ValueError, match="params must be one of"):
         distill(student, teacher, batch, params="dense", progress=False)
+    with pytest.raises(ValueError, match="shard must be one of"):
+        distill(student, teacher, batch, shard="ranks", progress=False)
     for warmup in (-1, 10, 1.5):
         with pytest.raises(ValueError, match="warmup"):
             distill(student, teacher, batch, steps=10, warmup=warmup, progress=False)
@@ -100,3 +103,56 @@ def test_distill_features_match_the_named_submodule_outputs():
     with pytest.raises(ValueError, match="feature_weight"):
         distill(student, teacher, batch, steps=2, features=["0"], feature_weight=0,
                 progress=False)
+
+
+def test_distill_names_both_shapes_when_output_widths_differ():
+    teacher, student = _pair(6)
+    wider = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 10))
+    with pytest.raises(ValueError, match=r"student output shape \(4, 8\) differs from teacher "
+                                         r"output shape \(4, 10\)"):
+        distill(student, wider, [torch.randn(4, 16)], steps=1, progress=False)
+
+
+def test_distill_refuses_a_compiled_student_and_a_ddp_wrapper():
+    teacher, student = _pair(7)
+    compiled = stl.stl_compile(student, (torch.randn(4, 16),), stl.STLConfig(rank=16),
+                               backend="eager")
+    with pytest.raises(ValueError, match="calibrate before stl_compile: swap_linears_"):
+        distill(compiled, teacher, [torch.randn(4, 16)], steps=1, progress=False)
+    with pytest.raises(TypeError, match="pass the plain student"):
+        distill(nn.parallel.DistributedDataParallel.__new__(
+            nn.parallel.DistributedDataParallel), teacher, [torch.randn(4, 16)], steps=1)
+
+
+def test_distill_stops_on_a_non_finite_loss_before_stepping():
+    teacher, student = _pair(8)
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    bad = torch.randn(4, 16)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="loss is not finite at step 0"):
+        distill(student, teacher, [bad], steps=2, progress=False)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in state.items())
+
+
+def test_distill_keeps_a_batch_grouped_layer_row_separable():
+    """Adam on ex / d of a row-separable "batch" layer stays on each term's own tile row, so
+    sequence 0's output stays independent of the 3 sequences sharing its tiles."""
+    torch.manual_seed(7)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    student = copy.deepcopy(teacher)
+    stl.swap_linears_(student, stl.STLConfig(rank=16, min_dim=8, row_grouping="batch",
+                                             max_cost_ratio=None))
+    start = [p.detach().clone() for p in student.parameters()]
+    distill(student, teacher, [torch.randn(8, 5, 16) for _ in range(2)], steps=4, lr=1e-2,
+            loss="mse", progress=False)
+    layers = [m for m in student.modules() if isinstance(m, stl.STLLinear)]
+    assert len(layers) == 2
+    for layer in layers:
+        assert stl.tiling.is_row_separable(layer) and layer.rows_isolated
+    assert not all(torch.equal(a, b) for a, b in zip(start, student.parameters()))
+    x = torch.randn(8, 5, 16)
+    changed = x.clone()
+    changed[1:4] = torch.randn(3, 5, 16) * 3
+    with torch.no_grad():
+        ref = student(x)[0]
+        assert float((student(changed)[0] - ref).norm() / ref.norm()) < 1e-6

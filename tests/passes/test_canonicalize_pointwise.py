@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from stl_helpers import rel_err
+from stl_helpers import rel_err, tiny_config
 from torch import nn
 
-from stl_compiler import STLConfig, stl_compile
+from stl_compiler import stl_compile
 
 stl = torch.ops.stl
 aten = torch.ops.aten
@@ -22,7 +22,7 @@ def _count(gm, target):
 
 
 def _pair(model, x, **config):
-    return [stl_compile(model, (x,), STLConfig(min_dim=8, fuse=fuse, **config), backend="eager")
+    return [stl_compile(model, (x,), tiny_config(fuse=fuse, **config), backend="eager")
             for fuse in (False, True)]
 
 
@@ -74,9 +74,9 @@ def test_operand_broadcasting_over_leading_dims_is_left_alone():
     is (no row strip), and the result is unchanged."""
     model = FlatBlock(with_pos=True).eval()
     x = torch.randn(2, 8, 32)
-    plain, fused = stl_compile(model, (x,), STLConfig(min_dim=8, fuse=False), backend="eager",
+    plain, fused = stl_compile(model, (x,), tiny_config(fuse=False), backend="eager",
                                dynamic_shapes=None), stl_compile(
-        model, (x,), STLConfig(min_dim=8), backend="eager", dynamic_shapes=None)
+        model, (x,), tiny_config(), backend="eager", dynamic_shapes=None)
     assert _count(fused, stl.decode_norm_encode.default) == 0
     assert _count(fused, stl.decode_act_encode.default) == 1  # the GELU still fuses
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_gpt2_fuses_every_boundary_but_attention():
         vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False,
         bos_token_id=0, eos_token_id=0)).eval()
     ids = torch.randint(0, 96, (2, 8))
-    plain, fused = [stl_compile(model, (), STLConfig(min_dim=8, basis="strassen", fuse=fuse),
+    plain, fused = [stl_compile(model, (), tiny_config(basis="strassen", fuse=fuse),
                                 example_kwargs={"input_ids": ids}, backend="eager")
                     for fuse in (False, True)]
     kinds = [b.kind for b in fused.stl_report.boundaries]

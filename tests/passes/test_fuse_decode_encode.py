@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_zoo import CASES, output_tensor
-from stl_helpers import assert_gradients_match, rel_err
+from stl_helpers import assert_gradients_match, rel_err, tiny_config
 from torch import nn
 
-from stl_compiler import STLConfig, stl_compile
+from stl_compiler import stl_compile
 from stl_compiler.models import MLP
 from stl_compiler.passes._graph import module_path
 
@@ -28,7 +28,7 @@ def _decodes(gm):
 
 def _pair(model, args, kwargs=None, dynamic_shapes="auto", **config):
     kwargs = kwargs or {}
-    return [stl_compile(model, args, STLConfig(min_dim=8, fuse=fuse, **config),
+    return [stl_compile(model, args, tiny_config(fuse=fuse, **config),
                         example_kwargs=kwargs, dynamic_shapes=dynamic_shapes, backend="eager")
             for fuse in (False, True)]
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from stl_helpers import assert_gradients_match, rel_err
+from stl_helpers import assert_gradients_match, rel_err, tiny_config
 from torch import nn
 
-from stl_compiler import STLConfig, stl_compile
+from stl_compiler import stl_compile
 
 stl = torch.ops.stl
 
@@ -24,7 +24,7 @@ def _decodes(gm):
 
 
 def _pair(model, x, **config):
-    return [stl_compile(model, (x,), STLConfig(min_dim=8, fuse=fuse, **config), backend="eager")
+    return [stl_compile(model, (x,), tiny_config(fuse=fuse, **config), backend="eager")
             for fuse in (False, True)]
 
 
@@ -143,9 +143,9 @@ def test_broadcast_residual_positional_embedding():
 
     model = Embed().eval()
     x = torch.randn(3, 8, 48)
-    plain, fused = stl_compile(model, (x,), STLConfig(min_dim=8, fuse=False), backend="eager",
+    plain, fused = stl_compile(model, (x,), tiny_config(fuse=False), backend="eager",
                                dynamic_shapes=None), stl_compile(
-        model, (x,), STLConfig(min_dim=8), backend="eager", dynamic_shapes=None)
+        model, (x,), tiny_config(), backend="eager", dynamic_shapes=None)
     assert _count(fused, stl.decode_norm_encode) == 1
     _agree(plain, fused, [(3, 8, 48)])
 
@@ -181,7 +181,7 @@ def test_sum_and_normed_both_read_elsewhere_is_reported():
 def test_switch_off_leaves_the_boundary_unfused_and_says_so():
     model = PreNorm().eval()
     x = torch.randn(2, 8, 32)
-    gm = stl_compile(model, (x,), STLConfig(min_dim=8, fuse_row_strip=False), backend="eager")
+    gm = stl_compile(model, (x,), tiny_config(fuse_row_strip=False), backend="eager")
     assert _count(gm, stl.decode_norm_encode) == 0
     assert _count(gm, stl.decode_act_encode) == 2  # element-wise fusion still on
     off = [b for b in gm.stl_report.boundaries if b.kind == "not fused"]
@@ -239,7 +239,7 @@ def test_attention_softmax_is_fused(basis, variant):
     model = Attention(sdpa=variant.startswith("sdpa"), causal=variant.endswith("causal")).eval()
     x = torch.randn(2, 8, 32)
     kwargs = {"mask": torch.randn(8, 8)} if variant == "explicit-mask" else {}
-    plain, fused = [stl_compile(model, (x,), STLConfig(min_dim=8, fuse=fuse,
+    plain, fused = [stl_compile(model, (x,), tiny_config(fuse=fuse,
                                                        decompose_sdpa=True, **basis),
                                 example_kwargs=kwargs, backend="eager", dynamic_shapes=None)
                     for fuse in (False, True)]
@@ -259,7 +259,7 @@ def test_attention_softmax_is_fused(basis, variant):
 def test_causal_attention_dynamic_lengths_and_gradients(seq):
     model = Attention(sdpa=True, causal=True)
     x = torch.randn(2, seq, 32)
-    plain, fused = [stl_compile(model, (x,), STLConfig(min_dim=8, fuse=fuse, decompose_sdpa=True,
+    plain, fused = [stl_compile(model, (x,), tiny_config(fuse=fuse, decompose_sdpa=True,
                                                        basis="random", rank=24),
                                 backend="eager") for fuse in (False, True)]
     assert _count(fused, stl.decode_softmax_encode) == 1
@@ -292,7 +292,7 @@ def test_bf16_llama_rmsnorm_with_float32_casts_fuses_exactly():
 
     model = CASES["llama"].build().eval().to(torch.bfloat16)
     ids = torch.randint(0, 96, (2, 8))
-    plain, fused = [stl_compile(model, (), STLConfig(min_dim=8, basis="strassen", fuse=fuse),
+    plain, fused = [stl_compile(model, (), tiny_config(basis="strassen", fuse=fuse),
                                 example_kwargs={"input_ids": ids}, backend="eager")
                     for fuse in (False, True)]
     assert _count(fused, stl.decode_norm_encode) == 4

@@ -604,6 +604,39 @@ def test_decode_softmax_encode_equals_unfused(mask_kind, causal, rows, cols):
     assert rel_err(out, repad_and_encode(p, ex, t, padded)) < 1e-12
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "causal-left-padding"])
+def test_decode_softmax_encode_fully_masked_rows_give_zero(mask_kind):
+    """A query row that sees no key (a masked-out row, an additive row of -inf, causal rows
+    before a left padding) gets probabilities 0, as scaled_dot_product_attention gives, not
+    NaN; every other row is the softmax. Against a float64 reference written out here."""
+    t, rows, cols = 2, 3, 5
+    encoded, d, ex = _operands(t=t, c=3)
+    if mask_kind == "additive":
+        mask = torch.randn(rows, cols, dtype=f64)
+        mask[1] = float("-inf")
+    else:
+        mask = torch.rand(2, rows, cols) < 0.3
+        mask[..., 0] = False
+        if mask_kind == "bool":
+            mask[0, 1] = True  # query 1 of sequence 0
+        else:
+            mask[1, :, :2] = True  # sequence 1 starts with two pad keys: queries 0, 1 see none
+    causal = mask_kind == "causal-left-padding"
+    out = ops.decode_softmax_encode(encoded, d, 0.7, mask, causal, ex, t, rows, cols)
+    s = ref_decode(encoded, d, t)[..., :rows, :cols] * 0.7
+    if causal:
+        s = s.masked_fill(torch.arange(cols)[None, :] > torch.arange(rows)[:, None],
+                          float("-inf"))
+    s = s + mask if mask_kind == "additive" else s.masked_fill(mask, float("-inf"))
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    assert dead.sum() == {"bool": 1, "additive": 2, "causal-left-padding": 2}[mask_kind]
+    p = torch.exp(s - s.amax(-1, keepdim=True).clamp_min(-1e300))
+    p = torch.where(dead, 0.0, p / p.sum(-1, keepdim=True).clamp_min(1e-300))
+    padded = (ceil_div(rows, t) * t, ceil_div(cols, t) * t)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, repad_and_encode(p, ex, t, padded)) < 1e-12
+
+
 def test_gradcheck_opcheck_and_decomposition_decode_softmax_encode():
     encoded, d, ex = _operands()
     encoded, d, ex = _req(encoded, d, ex)

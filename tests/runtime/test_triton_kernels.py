@@ -1,12 +1,13 @@
 """Triton kernels of the STL ops against float64 references.
 
-``TestInterpreted`` runs in CI: the kernels of ``stl_compiler/runtime/_triton_impl.py`` are
-loaded as a separate module copy while ``TRITON_INTERPRET=1`` is set (``triton.jit`` reads it
-when it decorates), so they run on CPU tensors under Triton's interpreter whatever was imported
-before. ``TestCUDA`` runs the compiled kernels through the registered ops on a GPU (the device
-machine: ``benchmarks/gpu_check.py``) and checks gradients against the aten path.
+``TestInterpreted`` runs in CI: the kernel package ``stl_compiler/runtime/triton`` is loaded
+as a separate package copy while ``TRITON_INTERPRET=1`` is set (``triton.jit`` reads it when it
+decorates), so its kernels run on CPU tensors under Triton's interpreter whatever was imported
+before. ``TestCUDA`` runs the compiled kernels through the ops on a GPU (the device machine:
+``benchmarks/gpu_check.py``, ``benchmarks/gpu_triton_op_check.py``) and checks gradients
+against the aten path.
 
-Every run fills its output with NaN first (through ``_new_output``), so an element no program
+Every run fills its output with NaN first (through ``common.new_output``), so an element no program
 writes fails the check.
 """
 
@@ -35,24 +36,30 @@ ACTIVATIONS = sorted(ops.ACTIVATIONS)
 
 
 def _load_interpreted() -> ModuleType:
-    """A copy of ``_triton_impl`` whose kernels were decorated under TRITON_INTERPRET=1."""
-    name = "stl_compiler.runtime._triton_impl_interpreted"
+    """A copy of the kernel package whose kernels were decorated under TRITON_INTERPRET=1
+    (its modules load as submodules of the copy, so they are interpreted too)."""
+    name = "stl_compiler.runtime._triton_interpreted"
     if name in sys.modules:
         return sys.modules[name]
-    path = Path(ops.__file__).with_name("_triton_impl.py")
-    spec = importlib.util.spec_from_file_location(name, path)
+    package = Path(ops.__file__).with_name("triton")
+    spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
     module = importlib.util.module_from_spec(spec)
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     finally:
         # Only this copy is interpreted; anything decorated later compiles as usual.
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
-    sys.modules[name] = module
+    assert module.KERNEL_DEVICE == "cpu"
     return module
 
 
@@ -60,7 +67,7 @@ def _poison(impl: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
 
-    monkeypatch.setattr(impl, "_new_output", poisoned)
+    monkeypatch.setattr(impl.common, "new_output", poisoned)
 
 
 def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -202,9 +209,10 @@ def _norm_case(impl, call, gen, device, dtype, batch, a, c, rank, rank2, crop_ro
 
 
 def _softmax_case(impl, call, gen, device, dtype, batch, a, c, rank, rank2, crop, mask_kind,
-                  causal, mask_shape=None):
+                  causal, mask_shape=None, dead_rows=()):
     """Attention scores of ``batch`` (…, a·4 − crop, c·4 − crop): encoded, decoded, masked,
-    normalized and re-encoded; ``mask_shape`` broadcasts to the scores."""
+    normalized and re-encoded; ``mask_shape`` broadcasts to the scores. ``dead_rows``: query
+    rows masked entirely (probabilities 0, as SDPA gives)."""
     rows, cols = a * 4 - crop, c * 4 - crop
     enc = _rand(gen, rank, *batch, a, c, dtype=dtype, device=device) * 0.5
     d, ex = (_rand(gen, n, 16, dtype=dtype, device=device) for n in (rank, rank2))
@@ -212,10 +220,12 @@ def _softmax_case(impl, call, gen, device, dtype, batch, a, c, rank, rank2, crop
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(*shape, generator=gen) < 0.3
-        mask[..., 0] = False  # keep one key per row: a fully masked row is NaN either way
+        mask[..., 0] = False  # one key per row, except in the dead rows
+        mask[..., dead_rows, :] = True
         mask = mask.to(device)
     elif mask_kind == "additive":
         mask = _rand(gen, *shape, dtype=dtype, device=device)
+        mask[..., dead_rows, :] = float("-inf")
     out = call(impl.decode_softmax_encode, ops.decode_softmax_encode, enc, d, 0.35, mask, causal,
                ex, 4, rows, cols)
     ref_mask = None if mask is None else (
@@ -320,6 +330,16 @@ class _KernelChecks:
                       mask_kind, causal)
         _softmax_case(impl, self.call, gen, self.device, dtype, (), 2, 3, 49, 16, 0,
                       mask_kind, causal)
+
+    @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_decode_softmax_encode_fully_masked_rows(self, impl, dtype, mask_kind):
+        """Query rows that see no key (left padding) encode probabilities 0, not NaN: rows in
+        the first and the last strip, one of them partial; causal too."""
+        gen = torch.Generator().manual_seed(42)
+        for causal in (False, True):
+            _softmax_case(impl, self.call, gen, self.device, dtype, (2, 2), 3, 5, 24, 24, 1,
+                          mask_kind, causal, dead_rows=[0, 2, 9])
 
     @pytest.mark.parametrize("mask_shape", [(2, 1, 1, 11), (1, 3, 11, 11), (11, 11)], ids=str)
     def test_decode_softmax_encode_broadcast_mask(self, impl, mask_shape):
@@ -454,15 +474,15 @@ class TestInterpreted(_KernelChecks):
         return module
 
     def test_decode_norm_encode_dispatch(self, impl, monkeypatch):
-        """The op's CUDA registration, with the interpreted kernels standing in for the
-        compiled ones: the kernel for what it covers, the composite for the rest, and the
-        op's own errors."""
+        """The op itself, with the interpreted kernels standing in for the compiled ones (they
+        take CPU tensors): the kernel for what the guard lets through, the composite for the
+        rest, and the op's own errors."""
         from stl_compiler.runtime import triton_kernels
 
         monkeypatch.setattr(triton_kernels, "kernels", lambda: impl)
         calls = []
-        inner = impl._new_output
-        monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
+        inner = impl.common.new_output
+        monkeypatch.setattr(impl.common, "new_output", lambda *a: calls.append(a) or inner(*a))
         gen = torch.Generator().manual_seed(24)
         r = lambda *shape: _rand(gen, *shape, dtype=torch.bfloat16, device="cpu")  # noqa: E731
         enc, d, ex, res, w = r(24, 2, 2, 5), r(24, 16), r(16, 16), r(2, 7, 18), r(18)
@@ -473,7 +493,7 @@ class TestInterpreted(_KernelChecks):
             call = list(args)
             for name, value in changes.items():
                 call[NORM_OP_ARGS.index(name)] = value
-            kept, out = triton_kernels._decode_norm_encode_cuda(*call)
+            kept, out = ops.decode_norm_encode(*call)
             if calls:
                 ref_kept, ref_out = _ref(ops.decode_norm_encode_aten, *call)
                 _check(kept, ref_kept, kept.dtype)
@@ -527,8 +547,8 @@ class TestCUDA(_KernelChecks):
 
     def test_dispatches_to_triton(self, impl, monkeypatch):
         calls = []
-        inner = impl._new_output
-        monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
+        inner = impl.common.new_output
+        monkeypatch.setattr(impl.common, "new_output", lambda *a: calls.append(a) or inner(*a))
         x = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
         basis = torch.randn(24, 16, device="cuda", dtype=torch.bfloat16)
         ops.decode(ops.encode(x, basis, 4), basis, 4, 8, 16)
@@ -537,8 +557,8 @@ class TestCUDA(_KernelChecks):
     def test_stacked_encoders_dispatch_to_triton(self, impl, monkeypatch):
         """decode_act_encode / decode_glu_encode with a 72-row ex take the kernels."""
         calls = []
-        inner = impl._new_output
-        monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
+        inner = impl.common.new_output
+        monkeypatch.setattr(impl.common, "new_output", lambda *a: calls.append(a) or inner(*a))
         gen = torch.Generator().manual_seed(9)
         r = lambda *shape: _rand(gen, *shape, dtype=torch.bfloat16, device="cuda")  # noqa: E731
         out = ops.decode_act_encode(r(24, 2, 3, 10), r(24, 16), None, r(72, 16), "gelu", 1.0, 4,
@@ -597,8 +617,8 @@ class TestCUDA(_KernelChecks):
     @pytest.mark.parametrize("ex_rows", [16, 72])
     def test_decode_norm_encode_dispatches_to_triton(self, impl, monkeypatch, ex_rows):
         calls = []
-        inner = impl._new_output
-        monkeypatch.setattr(impl, "_new_output", lambda *a: calls.append(a) or inner(*a))
+        inner = impl.common.new_output
+        monkeypatch.setattr(impl.common, "new_output", lambda *a: calls.append(a) or inner(*a))
         gen = torch.Generator().manual_seed(7)
         r = lambda *shape: _rand(gen, *shape, dtype=torch.bfloat16, device="cuda")  # noqa: E731
         args = (r(24, 2, 3, 40), r(24, 16), r(158), r(2, 10, 158), "layer", r(158), r(158),
