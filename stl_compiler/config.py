@@ -13,7 +13,14 @@ from torch import nn
 
 from . import bases
 from .bases import STLBasis
-from .tiling import check_row_grouping, is_row_separable, row_mixing_message, row_separable
+from .tiling import (
+    causality_message,
+    check_row_grouping,
+    is_causal,
+    is_row_separable,
+    row_mixing_message,
+    row_separable,
+)
 
 __all__ = ["STLConfig", "SiteSpec", "TARGETS"]
 
@@ -65,9 +72,10 @@ class STLConfig:
         max_bytes_ratio: a site stays dense when the bytes it moves (docs/math.md's model)
             exceed this times the dense bytes; None (default) does not gate on bytes.
         pad: zero-pad dims that are not multiples of the tile; when False such sites stay dense.
-        row_grouping: "tokens" (t consecutive positions share a tile) or "batch" (the same
-            position of t sequences: causality-safe for decoders; needs a row-separable basis
-            so that batched sequences stay independent).
+        row_grouping: "tokens" (t consecutive positions share a tile), "causal" (the same
+            tiles with a causal basis: no position depends on a later one; for decoders) or
+            "batch" (the same position of t sequences: causality-safe too; needs a
+            row-separable basis so that batched sequences stay independent).
         decompose_sdpa: rewrite ``scaled_dot_product_attention`` into explicit matmuls so its
             QKᵀ and AV become STL sites.
         fuse: run the decode→encode fusion passes.
@@ -259,13 +267,15 @@ def _resolve_basis(config: STLConfig, override: Mapping[str, Any]) -> STLBasis:
 
 def _basis_for_grouping(spec: STLBasis | str, tile: int, rank: int, seed: int,
                         row_grouping: str) -> STLBasis:
-    if row_grouping != "batch":
+    if row_grouping == "tokens":
         return bases.resolve(spec, tile, rank, seed)
     if spec == "fitted":  # the default: the one kind of inexact basis that keeps rows apart
         return row_separable(tile, rank)
     basis = bases.resolve(spec, tile, rank, seed)
-    if not is_row_separable(basis):
+    if row_grouping == "batch" and not is_row_separable(basis):
         raise ValueError(row_mixing_message(basis))
+    if row_grouping == "causal" and not is_causal(basis):
+        raise ValueError(causality_message(basis))
     return basis
 
 

@@ -15,8 +15,10 @@ from .functional import (
 )
 from .runtime.ops import decode, decode_epilogue, encode
 from .tiling import (
+    causality_message,
     check_row_grouping,
     group_rows,
+    is_causal,
     is_row_separable,
     round_up,
     row_mixing_message,
@@ -40,12 +42,15 @@ class STLLinear(nn.Module):
         tile, rank: tile side t and tensor rank r.
         bias: whether to hold a bias.
         row_grouping: which rows share a tile. ``"tokens"``: t consecutive positions of one
-            sequence (dim -2 of the input). ``"batch"``: the same position in t sequences (all
-            leading dims are sequences; a 2-D input is N sequences of length 1). With an
-            inexact basis, an output row depends on the other rows of its tile: "batch" is the
-            causality-safe choice for autoregressive decoders, and it takes only row-separable
+            sequence (dim -2 of the input). ``"causal"``: the same tiles, with a causal basis
+            (:func:`~stl_compiler.tiling.is_causal`: no position's output depends on a later
+            position). ``"batch"``: the same position in t sequences (all leading dims are
+            sequences; a 2-D input is N sequences of length 1); it takes only row-separable
             bases (:func:`~stl_compiler.tiling.is_row_separable`), which keep the sequences
-            of a tile independent; :meth:`load_basis` raises ValueError for any other.
+            of a tile independent. With an inexact basis, an output row depends on the other
+            rows of its tile: "causal" and "batch" are the causality-safe choices for
+            autoregressive decoders; :meth:`load_basis` raises ValueError for a basis that
+            breaks the grouping's promise.
         train_basis: when False, ``ex`` and ``d`` are frozen (``requires_grad=False``).
     """
 
@@ -110,13 +115,16 @@ class STLLinear(nn.Module):
     def load_basis(self, basis: STLBasis, weight_t: Tensor) -> None:
         """Set ``ex``, ``d`` from ``basis`` and encode ``weight_t (K, M)`` with ``basis.ew``.
 
-        With ``row_grouping="batch"`` the basis must be row-separable (ValueError otherwise).
+        With ``row_grouping="batch"`` the basis must be row-separable, with ``"causal"``
+        causal (ValueError otherwise).
         """
         if (basis.tile, basis.rank) != (self.tile, self.rank):
             raise ValueError(f"basis has tile={basis.tile}, rank={basis.rank}; this layer has "
                              f"tile={self.tile}, rank={self.rank}")
         if self.row_grouping == "batch" and not is_row_separable(basis):
             raise ValueError(row_mixing_message(basis))
+        if self.row_grouping == "causal" and not is_causal(basis):
+            raise ValueError(causality_message(basis))
         ex, ew, d = basis.to(torch.float64, weight_t.device)
         self.weight_encoded.copy_(encode(weight_t.double(), ew, self.tile))
         self.ex.copy_(ex)
@@ -146,9 +154,18 @@ class STLLinear(nn.Module):
     @property
     def rows_isolated(self) -> bool:
         """Whether each sequence's output is independent of the other sequences batched with
-        it: always with "tokens" grouping; with "batch" only while ``ex`` and ``d`` stay
-        row-separable (training or calibrating them can break that)."""
-        return self.row_grouping == "tokens" or is_row_separable(self)
+        it: always with "tokens" and "causal" grouping; with "batch" only while ``ex`` and
+        ``d`` stay row-separable (training or calibrating them can break that)."""
+        return self.row_grouping != "batch" or is_row_separable(self)
+
+    @property
+    def keeps_causality(self) -> bool:
+        """Whether no position's output depends on a later position of its sequence, by the
+        structure of ``ex`` and ``d`` (not by round-off luck): "causal" grouping with a
+        causal basis, or "batch" grouping with a row-separable one."""
+        if self.row_grouping == "causal":
+            return is_causal(self)
+        return self.row_grouping == "batch" and is_row_separable(self)
 
     def flop_ratio(self, rows: int = 4096) -> float:
         """STL FLOPs over dense FLOPs for ``rows`` input rows."""

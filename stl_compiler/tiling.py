@@ -1,5 +1,6 @@
 """Tiles, padding and row grouping, in plain aten ops (traceable, exportable); which bases
-keep the rows of a tile isolated (:func:`is_row_separable`, :func:`row_separable`)."""
+keep the rows of a tile isolated (:func:`is_row_separable`, :func:`row_separable`) or causal
+(:func:`is_causal`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 
 from .bases import STLBasis, _check_tile_rank
 
-ROW_GROUPINGS = ("tokens", "batch")
+ROW_GROUPINGS = ("tokens", "causal", "batch")
+# Groupings whose tile rows are consecutive positions of one sequence (dim -2 of the input).
+TOKEN_GROUPINGS = ("tokens", "causal")
 
 
 class _HasBasisRows(Protocol):
@@ -58,11 +61,11 @@ def check_row_grouping(row_grouping: str) -> None:
 def group_rows(x: torch.Tensor, row_grouping: str) -> torch.Tensor:
     """Arrange an activation ``(*B, S, K)`` so the rows of a tile are dim -2 of the result.
 
-    ``"tokens"``: rows are consecutive positions of one sequence, ``(*B, S, K)`` unchanged.
-    ``"batch"``: rows are the same position across sequences: ``(S, N, K)`` with
+    ``"tokens"`` and ``"causal"``: rows are consecutive positions of one sequence,
+    ``(*B, S, K)`` unchanged. ``"batch"``: rows are the same position across sequences: ``(S, N, K)`` with
     ``N = prod(B)``. A 2-D input ``(N, K)`` is N sequences of length 1 in that case.
     """
-    if row_grouping == "tokens":
+    if row_grouping in TOKEN_GROUPINGS:
         return x
     if x.dim() == 2:
         return x.unsqueeze(0)
@@ -71,7 +74,7 @@ def group_rows(x: torch.Tensor, row_grouping: str) -> torch.Tensor:
 
 def ungroup_rows(y: torch.Tensor, like: torch.Tensor, row_grouping: str) -> torch.Tensor:
     """Inverse of :func:`group_rows` for an output whose last dim may differ from ``like``'s."""
-    if row_grouping == "tokens":
+    if row_grouping in TOKEN_GROUPINGS:
         return y
     if like.dim() == 2:
         return y.squeeze(0)
@@ -81,7 +84,7 @@ def ungroup_rows(y: torch.Tensor, like: torch.Tensor, row_grouping: str) -> torc
 def padded_rows(shape: tuple[int, ...], tile: int, row_grouping: str) -> int:
     """Rows an STL linear layer computes for an input of ``shape`` (…, K), padding included."""
     leading = shape[:-1] or (1,)
-    if row_grouping == "tokens" or len(leading) == 1:
+    if row_grouping in TOKEN_GROUPINGS or len(leading) == 1:
         *batch, seq = leading
         return round_up(seq, tile) * math.prod(batch)
     *batch, seq = leading
@@ -101,6 +104,37 @@ def is_row_separable(basis: _HasBasisRows, tol: float = 1e-6) -> bool:
     reads, writes = (rows_touched(m.detach(), t, tol) for m in (basis.ex, basis.d))
     active = reads.any(1) & writes.any(1)  # a term with zero ex or zero d contributes nothing
     return bool(((reads | writes).sum(1)[active] <= 1).all())
+
+
+def is_causal(basis: _HasBasisRows, tol: float = 1e-6) -> bool:
+    """Whether every product term of ``basis`` reads only tile rows at or before the first
+    row it writes (rows as in :func:`is_row_separable`, same ``tol``).
+
+    With such a basis and ``row_grouping="causal"`` (tile rows = t consecutive positions of
+    one sequence), output row ``a`` depends on input rows ``0..a`` of its tile only: no
+    position sees a later one, and the zero rows that pad a partial tile change no output of
+    the rows that exist. Row-separable bases are causal; exact bases that share work between
+    rows (Strassen, rank 48) are not.
+    """
+    t = basis.tile
+    reads, writes = (rows_touched(m.detach(), t, tol) for m in (basis.ex, basis.d))
+    active = reads.any(1) & writes.any(1)
+    row = torch.arange(t)
+    last_read = torch.where(reads, row, -1).amax(1)
+    first_write = torch.where(writes, row, t).amin(1)
+    return bool((last_read <= first_write)[active].all())
+
+
+def causality_message(basis: STLBasis | _HasBasisRows) -> str:
+    """The error for a basis that would let a position of a ``row_grouping="causal"`` tile
+    depend on a later one."""
+    label = f"basis {basis.name!r}" if isinstance(basis, STLBasis) else "this basis"
+    return (f"row_grouping='causal' needs a basis whose every product term reads only tile "
+            f"rows at or before the first row it writes, and {label} has terms that read a "
+            f"later row, so a token's output would depend on tokens after it. Use "
+            f"basis='fitted' (resolved to the shipped causal basis of the rank), a "
+            f"row-separable basis (stl_compiler.tiling.row_separable(tile, rank)), or "
+            f"row_grouping='tokens' for models that are not causal")
 
 
 def rows_touched(matrix: torch.Tensor, tile: int, tol: float) -> torch.Tensor:
