@@ -1,4 +1,5 @@
-"""Shared helpers of the accuracy examples: conversion variants, training loop, tables."""
+"""Shared helpers of the accuracy examples: the text corpus, conversion variants, training
+loop, tables."""
 
 from __future__ import annotations
 
@@ -6,34 +7,75 @@ import argparse
 import copy
 import json
 import multiprocessing
-import time
-from collections.abc import Callable, Iterator
+import os
+import sysconfig
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import stl_compiler as stl
+
+# the transformer block and the training loop live in the package (make demo uses them too)
+from stl_compiler._demo_digits import Block, train  # noqa: F401 - re-exported
 from stl_compiler.fit import calibrate, distill
 
+#: The char LM's corpus: these files of the running Python's standard library.
+FILES = ("argparse.py", "dataclasses.py", "functools.py", "inspect.py", "typing.py",
+         "pathlib.py", "subprocess.py", "collections/__init__.py")
+#: Characters are ASCII codes; other bytes become "?".
+VOCAB = 128
+#: Folders left out of :func:`stdlib_files`: tests, third-party packages, generated codec tables.
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+             "encodings"}
 
-class Block(nn.Module):
-    """Pre-norm transformer block (fused QKV, SDPA attention, GELU MLP) of both examples."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int, causal: bool = False) -> None:
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
-        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+def stdlib_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, dim = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        x = x + self.proj(attn.transpose(1, 2).reshape(b, s, dim))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+def resolve_file(name: str) -> str:
+    """``name`` under the standard library; a module that became a package (``pathlib.py``
+    in Python 3.13) resolves to its ``__init__.py``."""
+    path = os.path.join(stdlib_root(), name)
+    package = os.path.join(path[:-3], "__init__.py")
+    if not os.path.isfile(path) and name.endswith(".py") and os.path.isfile(package):
+        return package
+    return path
+
+
+def stdlib_files() -> tuple[str, ...]:
+    """Every ``.py`` file of the standard library outside :data:`SKIP_DIRS`, relative to its
+    root, sorted (so the corpus, and the held-out tail of it, is reproducible)."""
+    root = stdlib_root()
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        found += [os.path.relpath(os.path.join(folder, f), root) for f in files
+                  if f.endswith(".py")]
+    return tuple(sorted(found))
+
+
+def load_text(files: Sequence[str] = FILES) -> torch.Tensor:
+    """The standard-library ``files`` concatenated, as ASCII codes (non-ASCII bytes become
+    '?'), a 1-D int64 tensor."""
+    data = bytearray()
+    for name in files:
+        with open(resolve_file(name), "rb") as handle:
+            data += handle.read()
+    codes = torch.frombuffer(data, dtype=torch.uint8).long() if data else torch.zeros(
+        0, dtype=torch.long)
+    return torch.where(codes < VOCAB, codes, ord("?"))
+
+
+def split_text(text: torch.Tensor | None = None, train_fraction: float = 0.9
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``train_fraction`` of ``text`` (default: :func:`load_text` of :data:`FILES`)
+    for training, the rest held out."""
+    text = load_text() if text is None else text
+    split = int(train_fraction * len(text))
+    return text[:split], text[split:]
+
 
 RANKS = (16, 24, 32, 40, 49)
 
@@ -72,23 +114,6 @@ def to_stl(model: nn.Module, rank: int, row_grouping: str, keep_reference: bool 
     student = copy.deepcopy(model)
     stl.swap_linears_(student, config(rank, row_grouping), keep_reference=keep_reference)
     return student
-
-
-def train(model: nn.Module, batches: Iterator, loss_fn: Callable, steps: int, lr: float
-          ) -> float:
-    """AdamW with a cosine schedule; returns seconds spent."""
-    start = time.perf_counter()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(steps):
-        loss = loss_fn(model, next(batches))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    return time.perf_counter() - start
 
 
 def convert_variants(dense: nn.Module, rank: int, row_grouping: str, calib: list,

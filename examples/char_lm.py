@@ -24,25 +24,25 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import sysconfig
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from _common import EXACT, Block, compare_ranks, parse_args, report, train
+from _common import (  # noqa: F401  (FILES, load_text: the corpus, re-exported for tools/)
+    EXACT,
+    FILES,
+    VOCAB,
+    Block,
+    compare_ranks,
+    load_text,
+    parse_args,
+    report,
+    split_text,
+    train,
+)
 from torch import nn
 
-FILES = ("argparse.py", "dataclasses.py", "functools.py", "inspect.py", "typing.py",
-         "pathlib.py", "subprocess.py", "collections/__init__.py")
-CONTEXT, BATCH, VOCAB = 64, 32, 128
-
-
-def load_text() -> torch.Tensor:
-    """The files above as ASCII codes (non-ASCII bytes become '?')."""
-    root = sysconfig.get_paths()["stdlib"]
-    data = b"".join(open(os.path.join(root, name), "rb").read() for name in FILES)
-    return torch.tensor([b if b < VOCAB else ord("?") for b in data], dtype=torch.long)
+CONTEXT, BATCH = 64, 32
 
 
 class CharLM(nn.Module):
@@ -68,13 +68,6 @@ def recipe(rank: int, blocks: list[str], warmup: int) -> tuple[dict, dict]:
     if rank < EXACT["batch"][1]:
         return {}, {"params": "all", "lr": 1e-3, "warmup": warmup, "features": blocks}
     return {}, {}
-
-
-def split_text() -> tuple[torch.Tensor, torch.Tensor]:
-    """The first 90% of :func:`load_text` for training, the rest for validation."""
-    text = load_text()
-    split = int(0.9 * len(text))
-    return text[:split], text[split:]
 
 
 def batches(train_text: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:

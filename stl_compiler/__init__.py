@@ -10,7 +10,7 @@ Public API::
     stl.exporters.export_onnx(fast, (x,), "model.onnx")
 """
 
-from . import bases, exporters, fit, runtime
+from . import bases, exporters, fit, generation, runtime
 from .api import stl_compile
 from .bases import STLBasis
 from .config import STLConfig
@@ -34,6 +34,7 @@ __all__ = [
     "exporters",
     "fit",
     "fit_basis",
+    "generation",
     "load_checkpoint",
     "runtime",
     "save_checkpoint",

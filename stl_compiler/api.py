@@ -1,4 +1,4 @@
-"""``stl_compile``: capture a model, rewrite its matmuls into STL sites, lower, compile."""
+"""``stl_compile``: capture → rewrite (STL sites) → lower → fuse → report → backend."""
 
 from __future__ import annotations
 
@@ -9,12 +9,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import passes
+from .capture import (
+    InputSpec,
+    capture,
+    check_dynamic_shapes,
+    check_runs_on_example,
+    describe_inputs,
+    input_specs,
+)
 from .config import STLConfig
-from .exporters._program import check_runs_on_example, describe_inputs
 from .nn import STLLinear
-from .passes import PassContext, run_passes
+from .passes import PassContext
 from .passes._graph import relative_error
-from .passes.capture import InputSpec, capture, check_dynamic_shapes, input_specs
 from .report import SiteRow, STLReport
 
 __all__ = ["stl_compile", "BACKENDS"]
@@ -41,7 +48,9 @@ def stl_compile(model: nn.Module, example_inputs: tuple | Any, config: STLConfig
         example_inputs: positional example inputs: a tuple (one entry per positional
             parameter of ``forward``), or one tensor. Use sizes >= 2 for dims that should
             stay dynamic (torch.export fixes dims of size 0/1 in the example).
-        config: what to convert and how (:class:`STLConfig`; default rank 24, fitted basis).
+        config: what to convert and how (:class:`STLConfig`; default rank 24, fitted basis,
+            ``row_grouping=None``: "causal" for a causal model, found in the captured graph or
+            the module tree by :mod:`stl_compiler.passes.detect_causal`, "tokens" otherwise).
         example_kwargs: keyword example inputs (for keyword-only or keyword parameters).
         dynamic_shapes: ``"auto"`` (default): every input dim dynamic where the model allows
             it (batch and sequence length); ``None``: static shapes; or a ``torch.export``
@@ -67,7 +76,9 @@ def stl_compile(model: nn.Module, example_inputs: tuple | Any, config: STLConfig
         dynamic_shapes range raises a ValueError naming the input.
 
     Raises:
-        TypeError / ValueError: a bad argument; the message names it and the fix.
+        TypeError / ValueError: a bad argument; the message names it and the fix. A causal
+            model with an explicit ``row_grouping="tokens"`` and an inexact basis that would
+            convert a site raises ValueError unless ``config.allow_non_causal``.
         CaptureError: torch.export cannot capture the model (the construct and a workaround).
     """
     if not isinstance(model, nn.Module):
@@ -93,7 +104,10 @@ def stl_compile(model: nn.Module, example_inputs: tuple | Any, config: STLConfig
             reference = gm(*args, **kwargs)
         _warn_non_finite(reference)
     ctx.report.sites.extend(_preconverted_sites(model))
-    gm = run_passes(gm, ctx)
+    gm = passes.rewrite(gm, ctx)
+    gm = passes.lower(gm, ctx)
+    gm = passes.fuse(gm, ctx)
+    gm = passes.report(gm, ctx)
     if config.measure_error:
         with torch.no_grad():
             ctx.report.model_rel_error = _output_error(gm(*args, **kwargs), reference)

@@ -27,6 +27,8 @@ __all__ = [
     "random",
     "fitted",
     "fitted_ranks",
+    "causal",
+    "causal_ranks",
     "dps48",
     "DPS48_VARIANTS",
     "load",
@@ -322,6 +324,40 @@ def fitted(tile: int = 4, rank: int = 24) -> STLBasis:
                          f"`stl-compiler fit-basis --tile {tile} --rank {rank}{init} --out FILE` "
                          f"and pass bases.load(FILE) (or `--basis FILE` to "
                          f"`stl-compiler export`)")
+    return load(path)
+
+
+def causal_ranks(tile: int = 4) -> list[int]:
+    """Ranks for which a causal basis (:func:`causal`) of this tile ships with the package."""
+    pattern = re.compile(rf"causal_t{tile}_r(\d+)\.safetensors$")
+    names = os.listdir(_data_dir()) if os.path.isdir(_data_dir()) else []
+    return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+
+
+def causal(tile: int = 4, rank: int = 24) -> STLBasis:
+    """A shipped causal token basis (``stl_compiler/data/causal_t{tile}_r{rank}.safetensors``).
+
+    For ``row_grouping="causal"`` (a tile's rows are t consecutive tokens of one sequence):
+    every product term reads only tile rows at or before the first row it writes
+    (:func:`stl_compiler.tiling.is_causal`, exact zeros), so no token's output depends on a
+    later token. It is fitted (``fit_basis(support="causal")``, ALS with the zero pattern
+    enforced) to tiles whose rows are correlated tokens, ``fit.token_moments(tile, rho)``
+    (neighbour correlation ``rho``, recorded in the file's metadata and in
+    ``stl_compiler/data/fitted_bases.json``): for i.i.d. Gaussian tiles no causal basis of
+    rank r beats the row-separable one, α = (t³ − r)/t², the gain comes from neighbouring
+    tokens being alike (docs/quality.md, "Causal bases"). ``alpha`` is still the class-0
+    (Gaussian tiles) α, above the row-separable basis' at the same rank; the metadata key
+    ``alpha_tokens`` is the α on the correlated tokens it was fitted to.
+    ``STLConfig(row_grouping="causal", basis="fitted")`` resolves to it.
+    """
+    _check_tile_rank(tile, rank)
+    path = os.path.join(_data_dir(), f"causal_t{tile}_r{rank}.safetensors")
+    if not os.path.exists(path):
+        raise ValueError(f"no causal basis ships for tile={tile}, rank={rank}; shipped causal "
+                         f"ranks for tile {tile}: {causal_ranks(tile) or 'none'}. Fit one with "
+                         f"`stl-compiler fit-basis --causal --rho 0.5 --tile {tile} --rank {rank} "
+                         f"--out FILE` and pass bases.load(FILE), or use "
+                         f"stl_compiler.tiling.row_separable(tile, rank)")
     return load(path)
 
 

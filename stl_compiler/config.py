@@ -53,6 +53,9 @@ class STLConfig:
             "strassen-pruned", "random". With ``row_grouping="batch"``, "fitted" resolves to
             :func:`stl_compiler.tiling.row_separable` of the rank, and any other basis must be
             row-separable (:func:`stl_compiler.tiling.is_row_separable`), else ValueError.
+            With ``row_grouping="causal"``, "fitted" resolves to the shipped causal basis of
+            the rank (:func:`stl_compiler.bases.causal`), else to the row-separable one, and
+            any other basis must be causal (:func:`stl_compiler.tiling.is_causal`).
         targets: which sites to convert: "linear" (parameter weights) and/or "matmul"
             (activation × activation, e.g. attention QKᵀ and AV); a string names one. None
             (default): both, except that a model which already holds ``STLLinear`` layers
@@ -75,7 +78,19 @@ class STLConfig:
         row_grouping: "tokens" (t consecutive positions share a tile), "causal" (the same
             tiles with a causal basis: no position depends on a later one; for decoders) or
             "batch" (the same position of t sequences: causality-safe too; needs a
-            row-separable basis so that batched sequences stay independent).
+            row-separable basis so that batched sequences stay independent). None (the
+            default) chooses per model: "causal" for a causal model (causal attention in the
+            captured graph, or a transformers decoder / ``*ForCausalLM`` / generation model;
+            :mod:`stl_compiler.passes.detect_causal`), "tokens" for any other model. When every
+            basis the config names is exact ("strassen", "dps48", "naive") a causal model gets
+            "tokens" too: exact products keep causality up to round-off (the report says
+            "kept up to round-off") and attention matmuls stay convertible. Explicit "tokens"
+            on a causal model with an inexact basis is refused (ValueError) unless
+            ``allow_non_causal``.
+        allow_non_causal: accept ``row_grouping="tokens"`` with an inexact basis on a causal
+            model, where a position's output then depends on up to t−1 later positions of its
+            tile (e.g. to time the fastest grouping); the report says "causal: NOT kept". No
+            effect otherwise.
         decompose_sdpa: rewrite ``scaled_dot_product_attention`` into explicit matmuls so its
             QKᵀ and AV become STL sites.
         fuse: run the decode→encode fusion passes.
@@ -96,7 +111,8 @@ class STLConfig:
     max_cost_ratio: float | None = 0.8
     max_bytes_ratio: float | None = None
     pad: bool = True
-    row_grouping: str = "tokens"
+    row_grouping: str | None = None
+    allow_non_causal: bool = False
     decompose_sdpa: bool = False
     fuse: bool = True
     fuse_row_strip: bool = True
@@ -111,7 +127,11 @@ class STLConfig:
             if unknown:
                 raise ValueError(f"unknown targets {sorted(unknown)}; choose from {TARGETS} "
                                  f"(a string or a set of them)")
-        check_row_grouping(self.row_grouping)
+        if self.row_grouping is not None:  # None: chosen per model (stl_compile, swap_linears_)
+            check_row_grouping(self.row_grouping)
+        if not isinstance(self.allow_non_causal, bool):
+            raise TypeError(f"allow_non_causal must be True or False, got "
+                            f"{self.allow_non_causal!r}")
         if self.min_dim < 0:
             raise ValueError(f"min_dim must be >= 0, got {self.min_dim}")
         for name in ("max_cost_ratio", "max_bytes_ratio"):
@@ -214,7 +234,11 @@ class STLConfig:
 
 
 DEFAULT_RANK = 24
+#: Bases resolved from names, (spec, tile, rank, seed, row_grouping) -> STLBasis, least
+#: recently used first; bounded (:data:`_BASIS_CACHE_SIZE`): a long session that sweeps
+#: ranks or seeds keeps the latest only. A basis is a pure function of its key.
 _BASIS_CACHE: dict[tuple, STLBasis] = {}
+_BASIS_CACHE_SIZE = 32
 
 
 def _check_filter_fn(fn: object) -> None:
@@ -252,9 +276,12 @@ def _resolve_basis(config: STLConfig, override: Mapping[str, Any]) -> STLBasis:
         rank = spec.rank
     rank = DEFAULT_RANK if rank is None else rank
     bases._check_tile_rank(tile, rank)
-    key = (spec, tile, rank, config.seed, config.row_grouping)
+    # None (automatic) is resolved per model by stl_compile / swap_linears_ before any site
+    # converts; until then a basis is checked as for "tokens" (any basis fits)
+    row_grouping = "tokens" if config.row_grouping is None else config.row_grouping
+    key = (spec, tile, rank, config.seed, row_grouping)
     if isinstance(spec, STLBasis) or key not in _BASIS_CACHE:
-        basis = _basis_for_grouping(spec, tile, rank, config.seed, config.row_grouping)
+        basis = _basis_for_grouping(spec, tile, rank, config.seed, row_grouping)
         if basis.rank > tile ** 3:  # checked on the result: "strassen"/"naive" fix their rank
             raise ValueError(f"rank={basis.rank} exceeds tile**3={tile ** 3}, the rank of the "
                              f"exact naive basis: STL would cost more than the dense product; "
@@ -262,13 +289,33 @@ def _resolve_basis(config: STLConfig, override: Mapping[str, Any]) -> STLBasis:
         if isinstance(spec, STLBasis):
             return basis
         _BASIS_CACHE[key] = basis
+        while len(_BASIS_CACHE) > _BASIS_CACHE_SIZE:
+            del _BASIS_CACHE[next(iter(_BASIS_CACHE))]  # the least recently used
+    _BASIS_CACHE[key] = _BASIS_CACHE.pop(key)  # now the most recently used
     return _BASIS_CACHE[key]
 
 
 def _basis_for_grouping(spec: STLBasis | str, tile: int, rank: int, seed: int,
                         row_grouping: str) -> STLBasis:
+    """The basis of ``spec`` for ``row_grouping``. ``"fitted"`` means: the shipped general
+    fitted basis ("tokens"); the row-separable basis ("batch": the one kind of inexact basis
+    that keeps rows apart); the shipped causal basis of the rank (``bases.causal``), else the
+    row-separable one ("causal"). Any other basis must be row-separable ("batch") or causal
+    ("causal"), else ValueError."""
     if row_grouping == "tokens":
         return bases.resolve(spec, tile, rank, seed)
+    if spec == "fitted" and row_grouping == "causal":
+        if rank in bases.causal_ranks(tile):
+            return bases.causal(tile, rank)
+        if rank % tile or rank > tile ** 3:
+            raise ValueError(
+                f"row_grouping='causal' with basis='fitted' needs a shipped causal basis "
+                f"(tile {tile}: ranks {bases.causal_ranks(tile) or 'none'}) or a row-separable "
+                f"one (ranks that are multiples of {tile}, at most {tile ** 3}); rank {rank} "
+                f"is neither. Choose one of those ranks, or fit a causal basis with "
+                f"`stl-compiler fit-basis --causal --rho 0.5 --tile {tile} --rank {rank} --out "
+                f"FILE` and pass basis=stl_compiler.bases.load(FILE)")
+        return row_separable(tile, rank)
     if spec == "fitted":  # the default: the one kind of inexact basis that keeps rows apart
         return row_separable(tile, rank)
     basis = bases.resolve(spec, tile, rank, seed)

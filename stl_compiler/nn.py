@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -130,11 +132,27 @@ class STLLinear(nn.Module):
         self.ex.copy_(ex)
         self.d.copy_(d)
 
+    #: Set on "causal" layers by :func:`stl_compiler.generation.enable_incremental`: the model's
+    #: incremental-decoding state (a :class:`~stl_compiler.generation.GenerationState`) and
+    #: this layer's key in it. While a model call with a KV cache is in progress, the state
+    #: prepends the earlier rows of the current tile, so that a call with only the new tokens
+    #: computes what a full forward computes.
+    _stl_generation: Any = None
+    _stl_generation_key: str = ""
+
     def forward(self, x: Tensor) -> Tensor:
         check_operand(x, "input", min_dim=1)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects "
                              f"{self.in_features} (input shape {tuple(x.shape)})")
+        generation = self._stl_generation
+        if generation is not None and generation.active:
+            return generation.layer_forward(self, x)
+        return self.forward_tiles(x)
+
+    def forward_tiles(self, x: Tensor) -> Tensor:
+        """The STL product of ``x`` as it is, without incremental-decoding state: with "causal"
+        or "tokens" grouping, dim -2 of ``x`` holds positions 0, 1, ... of the tiles."""
         squeeze = x.dim() == 1
         if squeeze:
             x = x.unsqueeze(0)

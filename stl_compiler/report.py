@@ -36,6 +36,9 @@ class SiteRow:
     stl_bytes: int = 0
     isolated: bool | None = None  # sequences batched together stay independent (converted)
     preconverted: bool = False  # an STLLinear the model already held (calibrated, trained)
+    #: in a causal model, whether this converted site keeps it causal: "kept" (by the basis's
+    #: structure), "round-off" (an exact basis) or "not kept"; None otherwise
+    causal: str | None = None
 
 
 @dataclass
@@ -58,6 +61,9 @@ class STLReport:
     model_rel_error: float | None = None
     pass_seconds: dict[str, float] = field(default_factory=dict)
     row_grouping: str | None = None  # the config's; pre-converted layers keep their own
+    row_grouping_auto: bool = False  # row_grouping=None in the config, chosen for the model
+    #: why the model counts as causal (passes/detect_causal.py); None: no causal attention found
+    causal_model: str | None = None
 
     @property
     def converted(self) -> list[SiteRow]:
@@ -112,6 +118,8 @@ class STLReport:
             status = ("STL (already)" if s.preconverted else "STL") if s.converted else "dense"
             if s.converted and s.isolated is False:
                 status += ", rows mix"
+            if s.converted and s.causal == "not kept":
+                status += ", acausal"
             if s.calls > 1:
                 status += f", {s.calls} calls"
             lines.append(f"{_abbreviate(s.name, width):<{width}} {s.kind:<6} {shape:<21} "
@@ -119,10 +127,13 @@ class STLReport:
             if s.reason:
                 lines += _wrap(s.reason, indent="    ")
         lines.append(rule)
+        acausal = any(s.causal == "not kept" for s in self.converted)
         lines += _wrap("legend: '-' = not applicable (t/r: site left dense; FLOPs: cost not "
                        "computed, the site was excluded before costing; rel.err: not measured). "
                        "FLOPs = STL / dense FLOPs of the site (for a dense site, what STL "
-                       "would cost). rel.err = |STL - dense| / |dense| on the example inputs.")
+                       "would cost). rel.err = |STL - dense| / |dense| on the example inputs."
+                       + (" acausal = in a causal model, a position's output depends on later "
+                          "positions of its tile." if acausal else ""))
         lines += self._headline()
         if self.boundaries:
             lines += self._boundary_lines()
@@ -142,14 +153,43 @@ class STLReport:
         lines = _wrap(text)
         if self.row_grouping is not None:
             lines += _wrap(self._isolation_line())
+            lines += _wrap(self._causality_line())
         if self.model_rel_error is not None:
             lines.append(f"model output rel. error added by this conversion on the example "
                          f"inputs: {self.model_rel_error:.3e}")
         return lines
 
+    @property
+    def causality(self) -> str:
+        """"not a causal model", "kept", "kept up to round-off" or "not kept": whether no
+        position's output depends on a later position, over every STL site."""
+        if self.causal_model is None:
+            return "not a causal model"
+        verdicts = {s.causal for s in self.converted}
+        if "not kept" in verdicts:
+            return "not kept"
+        return "kept up to round-off" if "round-off" in verdicts else "kept"
+
+    def _causality_line(self) -> str:
+        verdict = self.causality
+        if verdict == "not a causal model":
+            return ("causal: not a causal model (no causal attention in the graph, no "
+                    "decoder / causal-LM modules), so no causality to keep")
+        if verdict == "not kept":
+            leaking = [s.name for s in self.converted if s.causal == "not kept"]
+            shown = ", ".join(leaking[:3]) + (" ..." if len(leaking) > 3 else "")
+            return (f"causal: NOT kept: the model is causal ({self.causal_model}) and "
+                    f"{len(leaking)} STL site(s) ({shown}) let a position's output depend on "
+                    f"later positions of its tile (inexact basis with 'tokens' grouping, "
+                    f"allow_non_causal=True)")
+        how = ("exact basis: later rows of a tile cancel up to rounding"
+               if verdict == "kept up to round-off"
+               else "no STL site lets a position see a later one")
+        return f"causal: {verdict} (the model is causal: {self.causal_model}; {how})"
+
     def _isolation_line(self) -> str:
-        rows = ("t consecutive positions of one sequence" if self.row_grouping == "tokens"
-                else "the same position of t different sequences")
+        rows = ("the same position of t different sequences" if self.row_grouping == "batch"
+                else "t consecutive positions of one sequence")
         mixing = [s.name for s in self.converted if s.isolated is False]
         if not mixing:
             verdict = "rows isolated: yes, each sequence's output is independent of its batch"
@@ -157,7 +197,10 @@ class STLReport:
             verdict = (f"rows isolated: NO, {len(mixing)} STL site(s) mix the sequences of a "
                        f"tile ({', '.join(mixing[:3])}{' ...' if len(mixing) > 3 else ''}: "
                        f"'batch' grouping with ex/d that are not row-separable)")
-        return f"row_grouping={self.row_grouping!r} (a tile's rows are {rows}); {verdict}"
+        auto = (", chosen for this model: row_grouping=None in the config"
+                if self.row_grouping_auto else "")
+        return (f"row_grouping={self.row_grouping!r} (a tile's rows are {rows}{auto}); "
+                f"{verdict}")
 
     def _boundary_lines(self) -> list[str]:
         edges = []

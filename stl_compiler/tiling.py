@@ -62,8 +62,9 @@ def group_rows(x: torch.Tensor, row_grouping: str) -> torch.Tensor:
     """Arrange an activation ``(*B, S, K)`` so the rows of a tile are dim -2 of the result.
 
     ``"tokens"`` and ``"causal"``: rows are consecutive positions of one sequence,
-    ``(*B, S, K)`` unchanged. ``"batch"``: rows are the same position across sequences: ``(S, N, K)`` with
-    ``N = prod(B)``. A 2-D input ``(N, K)`` is N sequences of length 1 in that case.
+    ``(*B, S, K)`` unchanged. ``"batch"``: rows are the same position across sequences:
+    ``(S, N, K)`` with ``N = prod(B)``. A 2-D input ``(N, K)`` is N sequences of length 1 in
+    that case.
     """
     if row_grouping in TOKEN_GROUPINGS:
         return x
@@ -128,13 +129,16 @@ def is_causal(basis: _HasBasisRows, tol: float = 1e-6) -> bool:
 def causality_message(basis: STLBasis | _HasBasisRows) -> str:
     """The error for a basis that would let a position of a ``row_grouping="causal"`` tile
     depend on a later one."""
-    label = f"basis {basis.name!r}" if isinstance(basis, STLBasis) else "this basis"
     return (f"row_grouping='causal' needs a basis whose every product term reads only tile "
-            f"rows at or before the first row it writes, and {label} has terms that read a "
+            f"rows at or before the first row it writes, and {_label(basis)} has terms that read a "
             f"later row, so a token's output would depend on tokens after it. Use "
             f"basis='fitted' (resolved to the shipped causal basis of the rank), a "
             f"row-separable basis (stl_compiler.tiling.row_separable(tile, rank)), or "
             f"row_grouping='tokens' for models that are not causal")
+
+
+def _label(basis: STLBasis | _HasBasisRows) -> str:
+    return f"basis {basis.name!r}" if isinstance(basis, STLBasis) else "this basis"
 
 
 def rows_touched(matrix: torch.Tensor, tile: int, tol: float) -> torch.Tensor:
@@ -147,10 +151,9 @@ def rows_touched(matrix: torch.Tensor, tile: int, tol: float) -> torch.Tensor:
 def row_mixing_message(basis: STLBasis | _HasBasisRows) -> str:
     """The error for a basis that would mix the sequences of a ``row_grouping="batch"`` tile."""
     t = basis.tile
-    label = f"basis {basis.name!r}" if isinstance(basis, STLBasis) else "this basis"
     return (f"row_grouping='batch' puts the same position of {t} different sequences in one "
-            f"tile, and {label} has product terms that read or write two tile rows, so each "
-            f"sequence's output would depend on the sequences batched with it. Use "
+            f"tile, and {_label(basis)} has product terms that read or write two tile rows, so "
+            f"each sequence's output would depend on the sequences batched with it. Use "
             f"basis='fitted' (resolved to the row-separable basis of the rank), basis='naive' "
             f"(exact, rank {t ** 3}), a row-separable basis "
             f"(stl_compiler.tiling.row_separable(tile, rank)), or row_grouping='tokens'")

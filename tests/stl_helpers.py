@@ -21,8 +21,12 @@ EXACT_BASES = {
 def tiny_config(**fields) -> STLConfig:
     """An :class:`STLConfig` for the tests' tiny models: sites from 8 wide, cost guard off
     (at these widths STL costs more FLOPs than dense, so the guard would keep every site
-    dense; these tests check conversion mechanics, not cost)."""
-    return STLConfig(**{"min_dim": 8, "max_cost_ratio": None, **fields})
+    dense; these tests check conversion mechanics, not cost), and token tiles on every model,
+    causal ones included (``allow_non_causal``: mechanics, not causality, which
+    tests/test_causality.py checks; the automatic grouping would keep a decoder's attention
+    matmuls dense)."""
+    return STLConfig(**{"min_dim": 8, "max_cost_ratio": None, "row_grouping": "tokens",
+                        "allow_non_causal": True, **fields})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -374,3 +374,57 @@ def test_load_inconsistent_shapes_raises(tmp_path):
     save_file(dict(zip(("ex", "ew", "d"), _mats(3, 2))), str(path), metadata=meta)
     with pytest.raises(ValueError, match="has shape"):
         bases.load(path)
+
+
+# --- shipped causal token bases (bases.causal) ---------------------------------------------
+
+CAUSAL_SHIPPED = (16, 20, 24, 28, 32, 36, 40, 44, 48)
+
+
+def _causal_index() -> dict:
+    path = os.path.join(os.path.dirname(bases.__file__), "data", "fitted_bases.json")
+    with open(path) as handle:
+        return json.load(handle)["causal"]
+
+
+def test_causal_bases_ship_for_the_documented_ranks():
+    assert set(CAUSAL_SHIPPED) <= set(bases.causal_ranks(4))
+    assert set(bases.causal_ranks(4)) == {int(r) for r in _causal_index()["bases"]}
+
+
+@pytest.mark.parametrize("rank", CAUSAL_SHIPPED)
+def test_shipped_causal_basis_is_causal_and_matches_its_recorded_alpha(rank):
+    from safetensors import safe_open
+
+    from stl_compiler.fit import basis_alpha
+    from stl_compiler.fit.alpha import token_moments
+    from stl_compiler.tiling import is_causal, row_separable
+
+    basis = bases.causal(4, rank)
+    assert (basis.tile, basis.rank) == (4, rank)
+    assert is_causal(basis, tol=0.0)  # exact zeros, not small numbers
+    index = _causal_index()
+    entry = index["bases"][str(rank)]
+    # alpha: class-0 (Gaussian tiles), recorded in the file and in the index
+    assert basis.alpha == pytest.approx(basis_alpha(basis), rel=1e-9)
+    assert entry["alpha"] == pytest.approx(basis.alpha, rel=1e-12)
+    # no causal basis beats the row-separable one on Gaussian tiles: alpha >= (64 - r)/16
+    assert basis.alpha >= (64 - rank) / 16 * (1 - 1e-9)
+    # on the correlated tokens it was fitted to, it beats the row-separable basis
+    path = os.path.join(os.path.dirname(bases.__file__), "data", entry["file"])
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+    rho = json.loads(meta["rho"])
+    assert rho == index["rho"]
+    tokens = token_moments(4, rho)
+    alpha_tokens = basis_alpha(basis, tokens)
+    assert alpha_tokens == pytest.approx(entry["alpha_tokens"], rel=1e-9)
+    assert alpha_tokens == pytest.approx(json.loads(meta["alpha_tokens"]), rel=1e-9)
+    assert alpha_tokens < 0.95 * basis_alpha(row_separable(4, rank), tokens)
+    assert meta["command"] == entry["command"] and "--causal" in entry["command"]
+
+
+def test_causal_missing_rank_raises_and_names_the_shipped_ranks():
+    with pytest.raises(ValueError, match=r"no causal basis ships for tile=4, rank=7; shipped "
+                                         r"causal ranks for tile 4: \[16, "):
+        bases.causal(4, 7)

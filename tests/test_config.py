@@ -214,3 +214,35 @@ def test_basis_with_a_bad_alpha_is_rejected(alpha, tmp_path):
                         "alpha": json.dumps(alpha)})
     with pytest.raises(ValueError, match="alpha is a mean squared error"):
         bases.load(path)
+
+
+# --- row_grouping="causal" -------------------------------------------------------------------
+
+def test_causal_grouping_with_fitted_resolves_to_the_shipped_causal_basis():
+    from stl_compiler.tiling import is_causal
+
+    basis = STLConfig(basis="fitted", rank=24, row_grouping="causal").site_spec("x").basis
+    shipped = bases.causal(4, 24)
+    assert basis.name == shipped.name and is_causal(basis, tol=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(basis.matrices, shipped.matrices))
+    # "batch" keeps the row-separable basis, "tokens" the general fitted one
+    batch = STLConfig(basis="fitted", rank=24, row_grouping="batch").site_spec("x").basis
+    assert batch.name.startswith("row-separable")
+    tokens = STLConfig(basis="fitted", rank=24, row_grouping="tokens").site_spec("x").basis
+    assert torch.equal(tokens.ex, bases.fitted(4, 24).ex)
+
+
+def test_causal_grouping_falls_back_to_row_separable_then_raises():
+    assert 8 not in bases.causal_ranks(4)
+    basis = STLConfig(basis="fitted", rank=8, row_grouping="causal").site_spec("x").basis
+    assert basis.name.startswith("row-separable") and basis.rank == 8
+    with pytest.raises(ValueError, match=r"ranks \[16, 20.*rank 9 is neither"):
+        STLConfig(basis="fitted", rank=9, row_grouping="causal").site_spec("x")
+
+
+def test_causal_grouping_refuses_a_basis_that_is_not_causal():
+    with pytest.raises(ValueError, match="reads only tile rows at or before the first row it "
+                                         "writes.*'fitted4x24'.*depend on tokens after it"):
+        STLConfig(basis=bases.fitted(4, 24), row_grouping="causal").site_spec("x")
+    with pytest.raises(ValueError, match="row_grouping='causal' needs a basis"):
+        STLConfig(basis="strassen-pruned", rank=24, row_grouping="causal").site_spec("x")

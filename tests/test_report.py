@@ -70,3 +70,46 @@ def test_headline_counts_converted_dense_and_preconverted_sites():
             "matmul FLOPs 3.50k -> 2.00k (0.571x), bytes moved 350B -> 750B (2.14x, unfused)") \
         in text
     assert "STL (already)" in text and "4.00x" in text  # the dense site's would-be cost
+
+
+def _causal_report(verdicts: list[str | None], causal_model: str | None = "a decoder",
+                   row_grouping: str = "causal") -> STLReport:
+    sites = [SiteRow(f"layers.{i}.mlp.a_long_projection_name", "linear", "aten.linear",
+                     (4, 8), (8, 8), True, tile=4, rank=24, isolated=True, causal=verdict)
+             for i, verdict in enumerate(verdicts)]
+    return STLReport(sites=sites, row_grouping=row_grouping, row_grouping_auto=True,
+                     causal_model=causal_model)
+
+
+def test_summary_states_grouping_and_causality():
+    cases = {
+        "kept": (_causal_report(["kept", "kept"]), "causal: kept (the model is causal: a decoder"),
+        "kept up to round-off": (_causal_report(["kept", "round-off"], row_grouping="tokens"),
+                                 "causal: kept up to round-off"),
+        "not kept": (_causal_report(["not kept"] * 5, row_grouping="tokens"),
+                     "causal: NOT kept: the model is causal (a decoder) and 5 STL site(s)"),
+        "not a causal model": (_causal_report([None], causal_model=None, row_grouping="tokens"),
+                               "causal: not a causal model"),
+    }
+    for verdict, (report, line) in cases.items():
+        text = str(report)
+        flat = " ".join(text.split())
+        assert report.causality == verdict
+        assert line in flat, text
+        assert "chosen for this model: row_grouping=None" in flat
+        assert all(len(row) <= WIDTH for row in text.splitlines()), text
+        assert ("STL, acausal" in flat) == (verdict == "not kept")
+    # 'causal' grouping tiles consecutive positions, like 'tokens'
+    assert "t consecutive positions of one sequence" in " ".join(str(cases["kept"][0]).split())
+    assert '"causal": "not kept"' in cases["not kept"][0].to_json()
+    assert '"causal_model": "a decoder"' in cases["kept"][0].to_json()
+
+
+def test_compiled_report_of_a_non_causal_model_says_so():
+    compiled = stl_compile(Deep().eval(), (torch.randn(2, 8, 128),), STLConfig(basis="random"),
+                           backend="eager")
+    report = compiled.stl_report
+    assert report.row_grouping == "tokens" and report.row_grouping_auto
+    assert report.causal_model is None and report.causality == "not a causal model"
+    assert all(s.causal is None for s in report.sites)
+    assert "causal: not a causal model" in " ".join(str(report).split())

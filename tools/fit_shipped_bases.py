@@ -42,8 +42,8 @@ def main() -> None:
     index_path = os.path.join(DATA, "fitted_bases.json")
     index = {"tile": TILE, "alpha_2_4": two_four_alpha(TILE), "bases": {}}
     if os.path.exists(index_path):
-        with open(index_path) as handle:
-            index["bases"] = json.load(handle)["bases"]
+        with open(index_path) as handle:  # other sections (e.g. "causal") are kept as they are
+            index = {**json.load(handle), "tile": TILE, "alpha_2_4": index["alpha_2_4"]}
     for rank in args.ranks:
         ridge = RIDGE_AT.get(rank, RIDGE)
         fits = {}

@@ -7,17 +7,14 @@ nor a plugin to run: ONNX, TensorRT and AOTInductor see MatMul / Reshape / Trans
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..passes.capture import auto_dynamic_shapes
+from ..capture import auto_dynamic_shapes, check_runs_on_example, eval_mode
 from ..runtime import DECOMPOSITIONS
 from ._quiet import quiet_torch_internals
 
@@ -74,7 +71,7 @@ def export_program(module: Any, example_inputs: Any, *,
     if dynamic_shapes == "auto":
         _warn_size_one_dims(args, kwargs)
         dynamic_shapes = auto_dynamic_shapes(module, args, kwargs)
-    with _eval_mode(module), quiet_torch_internals():
+    with eval_mode(module), quiet_torch_internals():
         program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes,
                                       strict=False)
         program = program.run_decompositions(DECOMPOSITIONS)
@@ -93,66 +90,6 @@ def check_export_dtype(dtype: Any) -> None:
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, EXPORT_DTYPES))} (or None to "
                          f"keep the module's), got {dtype!r}")
-
-
-def check_runs_on_example(module: nn.Module, args: tuple, kwargs: dict[str, Any], *,
-                          fix: str = "give example inputs that forward accepts (one per "
-                          "input, keyword ones in example_kwargs)") -> None:
-    """Run ``module`` eagerly (eval mode, no grad) on the example inputs.
-
-    A model that fails on its example cannot be exported, and ``torch.export`` reports that
-    as a symbolic-shape error about dims it invented; the eager error names the real problem.
-
-    Raises:
-        ValueError: the example does not fit ``forward``'s parameters, or the model raises
-            on it (the model's error is quoted and chained); ``fix`` ends the message.
-    """
-    named = {f"input {i}": v for i, v in enumerate(args)} | kwargs
-    try:
-        signature = inspect.signature(module.forward)
-    except (TypeError, ValueError):  # a forward without an inspectable signature
-        signature = None
-    if signature is not None:
-        try:
-            named = dict(signature.bind(*args, **kwargs).arguments)
-        except TypeError as err:
-            raise ValueError(f"the example inputs ({describe_inputs(named)}) do not fit "
-                             f"{type(module).__name__}.forward{signature}: {err}; {fix}") \
-                from None
-    with _eval_mode(module), torch.no_grad():
-        try:
-            module(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - the model's own error, quoted and chained
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            raise ValueError(f"the model fails on the example input ({describe_inputs(named)}):"
-                             f" {type(err).__name__}: {first}; {fix}") from err
-
-
-def describe_inputs(named: dict[str, Any]) -> str:
-    """``"x: float32[2, 16, 64], mask: bool[2, 16]"``: example inputs by name."""
-
-    def one(value: Any) -> str:
-        if isinstance(value, torch.Tensor):
-            return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
-        return type(value).__name__
-
-    return ", ".join(f"{name}: {one(value)}" for name, value in named.items()) or "no inputs"
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode for the export, restored afterwards. A module made by ``torch.export``
-    (``stl_compile`` output) refuses ``eval()``: its mode was fixed when it was captured."""
-    was_training = module.training
-    try:
-        module.eval()
-    except NotImplementedError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _warn_size_one_dims(args: tuple, kwargs: dict[str, Any]) -> None:

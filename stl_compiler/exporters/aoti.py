@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from .._files import existing_file, output_file, staged
 from ..runtime.ort import check_input
-from ._files import existing_file, output_file, staged
 from ._program import export_program
 from ._quiet import quiet_torch_internals
 

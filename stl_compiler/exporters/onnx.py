@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._files import output_file, staged
+from .._files import output_file, staged
 from ._program import export_program
 from ._quiet import quiet_torch_internals
 
@@ -199,7 +199,7 @@ def onnx_op_types(path: str | os.PathLike) -> dict[str, int]:
     """``{"domain::OpType" or "OpType": count}`` over the graph of an ONNX file (and its
     local functions and subgraphs); weights in external data are not loaded."""
     onnx = _import_onnx()
-    from ._files import existing_file
+    from .._files import existing_file
 
     model = onnx.load(str(existing_file(path, "ONNX model")), load_external_data=False)
     counts: dict[str, int] = {}

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._files import existing_file, output_file, staged
+from .._files import existing_file, output_file, staged
 from ._program import as_args, export_program
 
 __all__ = [

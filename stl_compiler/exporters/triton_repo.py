@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ._files import existing_file, staged
+from .._files import existing_file, staged
 
 __all__ = ["write_triton_model_repository"]
 

@@ -5,12 +5,14 @@ layer it replaced, on its own calibration inputs: the encoded weight in closed f
 ``ex`` and ``d`` (least squares), then alternating refinement of ``d`` (least squares) and
 ``ex`` (a few gradient steps), keeping the best iterate so a layer never gets worse.
 
-Options for ``row_grouping="batch"`` models (see :func:`calibrate`): ``basis="row_separable"``
-restarts every layer from a basis whose product terms each read and write a single tile row,
-and ``target="teacher"`` fits each layer to the dense model's own activations (correcting the
-error of the layers before it) instead of the dense layer applied to the student's inputs.
-A batch-grouped layer with a row-separable basis stays row-separable (:func:`row_support`):
-the decoder solve and the encoder steps only change entries of each term's own tile row.
+Options for ``row_grouping="batch"`` and ``"causal"`` models (see :func:`calibrate`):
+``basis="row_separable"`` restarts every layer from a basis whose product terms each read and
+write a single tile row, and ``target="teacher"`` fits each layer to the dense model's own
+activations (correcting the error of the layers before it) instead of the dense layer applied
+to the student's inputs. A batch-grouped layer with a row-separable basis stays
+row-separable, a causal-grouped layer with a causal basis stays causal
+(:func:`support_masks`): the decoder solve and the encoder steps only change entries that
+keep the promise (each term's own tile row; rows up to / from each term's pivot row).
 
 In a torch.distributed job every sum over the calibration data (Gram matrices, right-hand
 sides, errors, the encoder's gradient) is all-reduced, so every rank computes the same fit,
@@ -31,12 +33,21 @@ from torch import Tensor, nn
 
 from ..nn import STLLinear
 from ..runtime.ops import encode
-from ..tiling import group_rows, is_row_separable, pad_last2, round_up, rows_touched, to_tiles
+from ..tiling import (
+    group_rows,
+    is_causal,
+    is_row_separable,
+    pad_last2,
+    round_up,
+    rows_touched,
+    to_tiles,
+)
 from . import distributed as dist_
 from ._progress import Progress
+from .fitting import pivot_masks
 
-__all__ = ["calibrate", "CalibrationTable", "row_separable_basis", "row_support", "run_batch",
-           "check_not_compiled", "BASES", "TARGETS"]
+__all__ = ["calibrate", "CalibrationTable", "row_separable_basis", "support_masks",
+           "row_support", "run_batch", "check_not_compiled", "BASES", "TARGETS"]
 
 BASES = ("converted", "row_separable")
 TARGETS = ("layer", "teacher")
@@ -183,28 +194,50 @@ def _ridge_solve(gram: Tensor, rhs: Tensor, ridge: float = 1e-8) -> Tensor:
     return torch.linalg.solve(gram + ridge * scale * eye, rhs)
 
 
-def row_support(layer: STLLinear, tol: float = 1e-6) -> tuple[Tensor, Tensor] | None:
+def support_masks(layer: STLLinear, tol: float = 1e-6) -> tuple[Tensor, Tensor] | None:
     """``(ex_mask, d_mask)``, bool ``(rank, t*t)``: the entries of ``ex`` / ``d`` that
-    calibration and distillation may change without breaking a ``row_grouping="batch"``
-    layer's row-separability; None when the layer is not batch-grouped and row-separable
-    (nothing to preserve: its updates are unconstrained).
+    calibration and distillation may change without breaking the promise of the layer's row
+    grouping; None when there is nothing to preserve (``row_grouping="tokens"``, or a basis
+    that does not keep the promise already): its updates are unconstrained.
 
-    A term that touches one tile row may use every entry of that row, in ``ex`` and ``d``;
-    a term whose ``ex`` or ``d`` is zero (it contributes nothing) keeps that zero, so it
-    cannot start to mix rows. ``tol`` is :func:`~stl_compiler.tiling.is_row_separable`'s.
-    Masks of a sharded (DTensor) layer are of the full parameters (a collective).
+    ``row_grouping="batch"`` with a row-separable basis: a term that touches one tile row
+    may use every entry of that row, in ``ex`` and ``d``, so the layer stays row-separable
+    (batched sequences stay independent). ``row_grouping="causal"`` with a causal basis:
+    term ``p`` has a pivot row, the first row it writes (the last row it reads if it writes
+    none), and may read rows ``<= pivot`` and write rows ``>= pivot``
+    (:func:`~stl_compiler.fit.fitting.pivot_masks`), so every update keeps the layer causal
+    (:func:`~stl_compiler.tiling.is_causal`). In both, a term that touches no row (zero
+    ``ex`` and ``d``) keeps its zeros. ``tol`` is that of
+    :func:`~stl_compiler.tiling.is_row_separable` / ``is_causal``. Masks of a sharded
+    (DTensor) layer are of the full parameters (a collective).
     """
-    if layer.row_grouping != "batch":
+    if layer.row_grouping not in ("batch", "causal"):
         return None
     t = layer.tile
     ex, d = (p.full_tensor() if dist_.is_sharded(p) else p for p in (layer.ex, layer.d))
-    if not is_row_separable(SimpleNamespace(tile=t, ex=ex, d=d), tol):
-        return None
+    rows = SimpleNamespace(tile=t, ex=ex, d=d)
     reads, writes = (rows_touched(m.detach(), t, tol) for m in (ex, d))
     either = reads | writes
+    touched = either.any(1)[:, None]
+    if layer.row_grouping == "causal":
+        if not is_causal(rows, tol):
+            return None
+        row = torch.arange(t, device=reads.device)
+        first_write = torch.where(writes, row, t).amin(1)
+        last_read = torch.where(reads, row, -1).amax(1).clamp_min(0)
+        pivots = torch.where(writes.any(1), first_write, last_read)
+        masks = pivot_masks(t, pivots.cpu(), "causal")
+        return tuple(m.to(reads.device) & touched for m in masks)
+    if not is_row_separable(rows, tol):
+        return None
     one_row = (either.sum(1) == 1)[:, None]
-    return tuple(torch.where(one_row, either, rows).repeat_interleave(t, dim=1)
-                 for rows in (reads, writes))
+    return tuple(torch.where(one_row, either, touched_rows).repeat_interleave(t, dim=1)
+                 for touched_rows in (reads, writes))
+
+
+def row_support(layer: STLLinear, tol: float = 1e-6) -> tuple[Tensor, Tensor] | None:
+    """The former name of :func:`support_masks` (it now also covers ``"causal"`` layers)."""
+    return support_masks(layer, tol)
 
 
 def _masked_solve(gram: Tensor, rhs: Tensor, keep: Tensor | None) -> Tensor:
@@ -312,8 +345,9 @@ def _calibrate_layer(name: str, layer: STLLinear, data: _LayerData, steps: int,
         with torch.no_grad():  # candidate, so the layer still never gets worse)
             layer.ex.copy_(restart[0])
             layer.d.copy_(restart[1])
-    # a row-separable batch-grouped layer must stay so: its sequences stay independent
-    ex_support, d_support = row_support(layer) or (None, None)
+    # a row-separable "batch" layer stays so (its sequences stay independent), a causal
+    # "causal" layer stays causal
+    ex_support, d_support = support_masks(layer) or (None, None)
     scale = max(float(layer.ex.detach().abs().mean()), 1e-6)
     diverged = False
     for _ in range(max(steps, 1)):
@@ -363,8 +397,10 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
     best iterate is kept, so a layer's error on its calibration data never increases (an
     iterate with NaN or Inf is never kept: the layer keeps its best finite parameters, with a
     warning). A ``row_grouping="batch"`` layer whose basis is row-separable stays so (each
-    term's ``ex`` / ``d`` change only within its tile row, :func:`row_support`), so the
-    sequences batched into a tile stay independent.
+    term's ``ex`` / ``d`` change only within its tile row, :func:`support_masks`), so the
+    sequences batched into a tile stay independent; a ``row_grouping="causal"`` layer whose
+    basis is causal stays causal (each term reads only rows up to its pivot, the first row it
+    writes, and writes only rows from it), so no token's output depends on a later token.
 
     Inside a torch.distributed job every rank calls ``calibrate`` with the same arguments;
     rank 0's parameters are broadcast, each rank runs its share of the batches (``shard``)
@@ -390,7 +426,10 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
             restart every layer from :func:`row_separable_basis` (rank a multiple of the
             tile), made for ``row_grouping="batch"``, where the rows of a tile are unrelated
             sequences and a general basis's cross-row terms are pure noise; the layer as
-            converted stays the best candidate until an iterate beats it.
+            converted stays the best candidate until an iterate beats it. Row-separable
+            bases are causal, so ``row_grouping="causal"`` layers may restart from it too
+            (their refinement may then add terms that read earlier rows or write later
+            ones, within :func:`support_masks`).
         seed: seeds the random vectors of ``basis="row_separable"``.
         shard: with a process group, how ranks share the batches: ``"batches"`` (every rank
             passes the same batches and takes every world-size-th one whole), ``"rows"`` (each

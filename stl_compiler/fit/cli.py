@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "fit-basis", help="fit an STL basis to Gaussian tiles (alpha vs 2:4)",
         description="Fit a rank-r STL basis to the t×t matrix product for Gaussian tiles and "
                     "write it as safetensors (load it with stl_compiler.bases.load). Progress "
-                    "goes to stderr.")
+                    "goes to stderr. --causal fits a causal token basis (for "
+                    "row_grouping='causal'), --rho its token correlation.")
     parser.add_argument("--tile", type=int, default=4, help="tile side t (default 4)")
     parser.add_argument("--rank", type=int, required=True, help="tensor rank r")
     parser.add_argument("--out", required=True, help="output .safetensors file")
@@ -36,6 +37,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ridge", type=float, default=1e-5,
                         help="ALS penalty on row-norm products (default 1e-5)")
+    parser.add_argument("--causal", action="store_true",
+                        help="fit a causal token basis (row_grouping='causal'): every term "
+                             "reads only tile rows at or before the first row it writes "
+                             "(fit_basis(support='causal'); ALS from the row-separable basis "
+                             "and random starts; --init is ignored)")
+    parser.add_argument("--rho", type=float, nargs="+", default=None,
+                        help="with --causal: fit to tiles of consecutive tokens whose "
+                             "neighbours are correlated (fit.alpha.token_moments): one value, "
+                             "the lag-1 correlation of an AR(1) sequence, or tile-1 values, "
+                             "the correlations at lags 1, 2, ... (e.g. measured on your "
+                             "model's activations); alpha_tokens is the alpha on those tiles, "
+                             "alpha the Gaussian one. Without it the fit is to Gaussian "
+                             "tiles, where no causal basis beats the row-separable one")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON summary as the last stdout line")
@@ -51,6 +65,22 @@ def _check_args(args: argparse.Namespace) -> None:
         if value < least:
             why = " (0 steps would write the initial basis unfitted)" if flag == "--steps" else ""
             raise ValueError(f"{flag} must be >= {least}, got {value}{why}")
+    if args.rho is not None and not args.causal:
+        raise ValueError("--rho needs --causal (it is the token correlation of a causal fit)")
+    if args.rho is not None:
+        from .alpha import token_moments
+
+        if len(args.rho) not in (1, args.tile - 1):
+            raise ValueError(f"--rho takes 1 value (AR(1)) or {args.tile - 1} (lags 1..."
+                             f"{args.tile - 1}), got {len(args.rho)}")
+        token_moments(args.tile, args.rho[0] if len(args.rho) == 1 else args.rho)
+    if args.causal:
+        if args.init not in ("strassen-pruned", "random"):
+            raise ValueError(f"--causal starts from the row-separable basis and random causal "
+                             f"bases; drop --init {args.init}")
+        if args.method != "als":
+            raise ValueError(f"--causal is fitted by ALS only; drop --method {args.method}")
+        return
     if args.init in _STRASSEN_INITS:
         if args.tile & (args.tile - 1):
             raise ValueError(f"--tile {args.tile} with --init {args.init}: that init starts from "
@@ -90,6 +120,26 @@ def _deflate_estimate(tile: int, rank: int, exact: int) -> float:
     return one * sum(r * (r - 1) for r in range(rank + 1, exact + 1)) / (exact - 1)
 
 
+def _fit_causal(args: argparse.Namespace) -> tuple[object, float, dict]:
+    """``--causal``: the basis with its Gaussian α, and the extra summary entries."""
+    from .alpha import basis_alpha, token_moments
+    from .fitting import fit_basis
+
+    rho = None if args.rho is None else args.rho[0] if len(args.rho) == 1 else args.rho
+    data = "gaussian" if rho is None else token_moments(args.tile, rho)
+    basis, fitted_alpha = fit_basis(args.tile, args.rank, data=data, support="causal",
+                                    restarts=args.restarts, steps=args.steps, seed=args.seed,
+                                    ridge=args.ridge, progress=True)
+    alpha = basis_alpha(basis)  # class-0 (Gaussian tiles), the α a basis file records
+    basis = type(basis)(basis.tile, basis.rank, *basis.matrices, name=basis.name, alpha=alpha)
+    separable = (args.tile ** 3 - args.rank) / args.tile ** 2 if args.rank <= args.tile ** 3 \
+        else 0.0
+    extra: dict = {"support": "causal", "alpha_row_separable": separable}
+    if rho is not None:
+        extra.update(rho=rho, alpha_tokens=fitted_alpha)
+    return basis, alpha, extra
+
+
 def run(args: argparse.Namespace) -> int:
     """Fit, save, and report α next to the 2:4 reference."""
     from .alpha import two_four_alpha
@@ -108,15 +158,21 @@ def run(args: argparse.Namespace) -> int:
                   f"removal refits every candidate, whatever --steps): about {estimate:.0f} s on "
                   f"this machine; --init strassen-pruned takes seconds", file=sys.stderr,
                   flush=True)
-    basis, alpha = fit_basis(args.tile, args.rank, init=args.init, method=args.method,
-                             restarts=args.restarts, steps=args.steps, seed=args.seed,
-                             ridge=args.ridge, progress=True)
-    basis.save(args.out)
+    if args.causal:
+        basis, alpha, extra = _fit_causal(args)
+    else:
+        basis, alpha = fit_basis(args.tile, args.rank, init=args.init, method=args.method,
+                                 restarts=args.restarts, steps=args.steps, seed=args.seed,
+                                 ridge=args.ridge, progress=True)
+        extra = {}
+    basis.save(args.out, metadata={k: v if isinstance(v, str) else json.dumps(v)
+                                   for k, v in extra.items()})
     ref = two_four_alpha(args.tile) if args.tile % 4 == 0 else None
-    summary = {"alpha": alpha, "alpha_2_4": ref, "rank": args.rank, "tile": args.tile}
+    summary = {"alpha": alpha, "alpha_2_4": ref, "rank": args.rank, "tile": args.tile, **extra}
     verdict = "" if ref is None else (" (matches 2:4)" if alpha <= ref else " (above 2:4)")
+    more = "".join(f" {k}={v:.6g}" for k, v in extra.items() if isinstance(v, float))
     print(f"wrote {args.out}: tile={args.tile} rank={args.rank} alpha={alpha:.6g}"
-          f"{'' if ref is None else f' alpha_2:4={ref:.6g}'}{verdict}")
+          f"{'' if ref is None else f' alpha_2:4={ref:.6g}'}{verdict}{more}")
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..nn import STLLinear
 from . import distributed as dist_
 from ._progress import Progress
-from .calibrate import check_not_compiled, row_support, run_batch
+from .calibrate import check_not_compiled, run_batch, support_masks
 
 __all__ = ["distill", "LOSSES", "PARAMS"]
 
@@ -49,17 +49,18 @@ def _loss(student_out: Tensor, teacher_out: Tensor, kind: str, temperature: floa
     return kl * temperature**2
 
 
-def _row_masks(student: nn.Module, trained: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+def _support_masks(student: nn.Module, trained: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
     """``(parameter, mask)`` for the trained ``ex`` / ``d`` of every batch-grouped,
-    row-separable layer: gradients outside the mask are zeroed so that the layer stays
-    row-separable (:func:`~stl_compiler.fit.calibrate.row_support`). A sharded (DTensor)
-    parameter gets its mask sharded the same way."""
+    row-separable layer and every causal-grouped, causal layer: gradients outside the mask
+    are zeroed so that the layer stays row-separable, or causal
+    (:func:`~stl_compiler.fit.calibrate.support_masks`). A sharded (DTensor) parameter gets
+    its mask sharded the same way."""
     ids = {id(p) for p in trained}
     masks = []
     for layer in student.modules():
         if not isinstance(layer, STLLinear):
             continue
-        support = row_support(layer)
+        support = support_masks(layer)
         if support is None:
             continue
         for p, mask in zip((layer.ex, layer.d), support):
@@ -83,7 +84,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
     encoding") and ``bias``, and its ``ex`` / ``d`` unless frozen (``train_basis=False``;
     a ``row_grouping="batch"`` layer with a row-separable basis keeps it row-separable: each
     term's ``ex`` / ``d`` change only within its own tile row, so batched sequences stay
-    independent);
+    independent; a ``row_grouping="causal"`` layer with a causal basis stays causal: each
+    term keeps reading only rows up to its pivot, the first row it writes, and writing only
+    rows from it, so no token's output comes to depend on a later token);
     with ``params="all"`` also every other parameter of ``student`` that has
     ``requires_grad=True``. Adam; the learning rate rises linearly over ``warmup`` steps, then
     decays with a cosine to ``lr / 20``.
@@ -175,7 +178,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
     for p in trained:
         p.requires_grad_(True)
     dist_.broadcast_module(student)
-    row_masks = _row_masks(student, trained)
+    row_masks = _support_masks(student, trained)
     opt = torch.optim.Adam(trained, lr=lr)
 
     def factor(step: int) -> float:

@@ -24,8 +24,6 @@ class PassContext:
     report: STLReport = field(default_factory=STLReport)
     #: node name → (input tensors, output) recorded on the example inputs (record_site_io)
     site_io: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = field(default_factory=dict)
-    #: names of decode nodes that already have a row in ``report.boundaries``
-    reported_decodes: set[str] = field(default_factory=set)
     #: the user's model as given to stl_compile (``filter_fn`` sees its modules); None when
     #: the passes run on a bare graph
     model: nn.Module | None = None

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, fx
 
+from ..runtime.ops import causal_mask
 from ._graph import aten, insert_call
 from .context import PassContext
 
@@ -32,8 +33,7 @@ def attention_probs(scores: Tensor, head_dim: int, attn_mask: Tensor | None, dro
     scores = scores * (1.0 / math.sqrt(head_dim) if scale is None else scale)
     rows, cols = scores.shape[-2], scores.shape[-1]
     if is_causal:
-        keep = torch.ones(rows, cols, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        scores = scores.masked_fill(causal_mask(rows, cols, scores.device), float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))

@@ -13,122 +13,37 @@ split/merge reshapes whose parts are multiples of the tile, transposes, permutes
 
 followed by the layout ops replayed on the encoded tensor (a transpose of the two tile dims
 becomes a permutation of the encoder's columns). When one decoded value feeds several encodes
-directly, their encoders are stacked so it is decoded once. Every decode whose value reaches
-an encode gets a row in ``report.boundaries``: how it was fused, or why not.
+directly, their encoders are stacked so it is decoded once. Every boundary fused gets a row in
+``report.boundaries`` (so does one rejected for its layout); :mod:`.report_boundaries`
+reports the rest.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from ..report import BoundaryRow
 from ..runtime import ops as _ops  # noqa: F401  (registers the stl:: ops named below)
-from ._graph import aten, concrete, erase_dead, insert_call, module_path, parameter_of
+from ._encoded import (
+    Branch,
+    hand_over,
+    is_identity,
+    mark_reported,
+    parse_branch,
+    site_name,
+    stacked_encoder,
+    value_bytes,
+)
+from ._graph import aten, erase_dead, insert_call
 from .context import PassContext
 
 stl = torch.ops.stl
 
-_ACTIVATIONS = {
-    aten.relu.default: "relu", aten.silu.default: "silu", aten.tanh.default: "tanh",
-    aten.sigmoid.default: "sigmoid",
-}
-_DECODE_ARGS = {
-    stl.decode.default: ("encoded", "d", "tile", "rows", "cols"),
-    stl.decode_epilogue.default: ("encoded", "d", "bias", "activation", "scale", "tile", "rows",
-                                  "cols"),
-}
-_ROW_WISE = (aten.layer_norm.default, aten.native_layer_norm.default, aten.softmax.int,
-             aten._softmax.default, aten.mean.dim, aten.rsqrt.default)
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 _LAYOUT = (*_RESHAPES, aten.transpose.int, aten.permute.default, aten.clone.default,
            aten.alias.default, aten.repeat_interleave.self_int, aten.unsqueeze.default,
            aten.contiguous.default, aten.slice.Tensor, aten.expand.default)
-
-
-@dataclass
-class Branch:
-    """One decoded input of a fused op: ``act(decode(encoded, d) + bias)``."""
-
-    decode: fx.Node
-    bias: fx.Node | None = None
-    activation: str = "none"
-    chain: list[fx.Node] = field(default_factory=list)  # nodes between decode and the product
-
-    def arg(self, name: str):
-        """An argument of the decode (``stl::decode`` or ``stl::decode_epilogue``) by name."""
-        names = _DECODE_ARGS[self.decode.target]
-        return self.decode.args[names.index(name)]
-
-    @property
-    def encoded(self) -> fx.Node:
-        return self.arg("encoded")
-
-    @property
-    def d(self) -> fx.Node:
-        return self.arg("d")
-
-    @property
-    def tile(self) -> int:
-        return self.arg("tile")
-
-    @property
-    def rows(self):
-        return self.arg("rows")
-
-    @property
-    def cols(self):
-        return self.arg("cols")
-
-
-def is_identity(node: object) -> bool:
-    """An op that returns its input's values: an alias, or dropout outside training."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.target is aten.dropout.default:
-        return node.args[2] is False if len(node.args) > 2 else node.kwargs.get("train") is False
-    return node.target is aten.alias.default
-
-
-def _activation_of(node: object) -> str | None:
-    if not isinstance(node, fx.Node):
-        return None
-    if node.target in _ACTIVATIONS:
-        return _ACTIVATIONS[node.target]
-    if node.target is aten.gelu.default:
-        return "gelu_tanh" if node.kwargs.get("approximate", "none") == "tanh" else "gelu"
-    return None
-
-
-def parse_branch(gm: fx.GraphModule, node: object, allow_activation: bool) -> Branch | None:
-    chain = []
-    activation = _activation_of(node) if allow_activation else None
-    if activation:
-        chain.append(node)
-        node = node.args[0]
-    bias = None
-    if isinstance(node, fx.Node) and node.target is aten.add.Tensor:
-        left, right = node.args[:2]
-        for value, param in ((left, right), (right, left)):
-            p = parameter_of(gm, param)
-            if p is not None and p.dim() == 1 and isinstance(value, fx.Node):
-                chain.append(node)
-                bias, node = param, value
-                break
-        else:
-            return None
-    while is_identity(node):
-        chain.append(node)
-        node = node.args[0]
-    if not (isinstance(node, fx.Node) and node.target in _DECODE_ARGS):
-        return None
-    if node.target is stl.decode_epilogue.default:  # bias already folded into the decode
-        if bias is not None or node.args[3] != "none" or node.args[4] != 1.0:
-            return None
-        bias = node.args[2]
-    return Branch(node, bias, activation or "none", chain)
 
 
 def _parse_glu(gm: fx.GraphModule, node: fx.Node) -> list[Branch] | None:
@@ -279,23 +194,10 @@ def _layout_chain(enc: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return node, chain[::-1]
 
 
-def site_name(node: fx.Node) -> str:
-    return module_path(node) or node.name
-
-
-def value_bytes(node: fx.Node) -> int:
-    val = node.meta["val"]
-    numel = 1
-    for dim in val.shape:
-        numel *= concrete(dim)
-    return numel * val.element_size()
-
-
 def fuse_decode_encode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if not ctx.config.fuse:
         return gm
     graph = gm.graph
-    fused: set[fx.Node] = set()
     order = {n: i for i, n in enumerate(graph.nodes)}  # consumers are original nodes
     replaced: set[fx.Node] = set()
     for enc in [n for n in graph.nodes if n.target is stl.encode.default]:
@@ -322,21 +224,20 @@ def fuse_decode_encode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         except LayoutError as err:
             ctx.report.boundaries.append(BoundaryRow(
                 site_name(branches[0].decode), [site_name(enc)], "not fused", f"layout: {err}"))
-            fused.update(b.decode for b in branches)  # reported; skip the generic row
+            for b in branches:  # reported here: no generic row (report_boundaries)
+                mark_reported(b.decode)
             continue
         algebraic = len(branches) == 1 and branches[0].activation == "none"
         first = min(consumers, key=order.__getitem__)
         replaced.update(consumers)
         _replace(graph, first, branches, consumers, scale, algebraic, layout, transposed,
                  layout_ops)
-        fused.update(b.decode for b in branches)
         ctx.report.boundaries.append(BoundaryRow(
             producer=" * ".join(site_name(b.decode) for b in branches),
             consumers=[site_name(c) for c in consumers],
             kind="algebraic" if algebraic else "elementwise",
             reason=_describe(branches, scale, layout_ops, transposed),
             bytes_saved=2 * sum(value_bytes(b.decode) for b in branches)))
-    _report_unfused(graph, ctx, fused)
     return gm
 
 
@@ -404,62 +305,6 @@ def _replace(graph: fx.Graph, first: fx.Node, branches: list[Branch], consumers:
                 + [b.decode for b in branches])
 
 
-def stacked_encoder(graph: fx.Graph, consumers: list[fx.Node], first: fx.Node) -> fx.Node:
-    """The encoders of ``consumers`` (encodes of one value) stacked along the rank dim, so the
-    value is encoded by one op."""
-    encoders = [c.args[1] for c in consumers]
-    return encoders[0] if len(encoders) == 1 else insert_call(
-        graph, aten.cat.default, (encoders, 0), first)
-
-
-def hand_over(graph: fx.Graph, consumers: list[fx.Node], out: fx.Node, first: fx.Node) -> None:
-    """Give each consumer encode its rank slice of ``out`` (encoded with
-    :func:`stacked_encoder`) and erase the consumers."""
-    offset = 0
-    for consumer in consumers:
-        rank = consumer.meta["val"].shape[0]
-        part = out if len(consumers) == 1 else insert_call(
-            graph, aten.slice.Tensor, (out, 0, offset, offset + rank), first)
-        offset += rank
-        consumer.replace_all_uses_with(part)
-    for consumer in consumers:
-        graph.erase_node(consumer)
-
-
 def _transpose_tile_columns(ex: torch.Tensor, tile: int) -> torch.Tensor:
     """Encoder of transposed tiles: ``ex'[p, c*t + a] = ex[p, a*t + c]``."""
     return ex.reshape(ex.shape[0], tile, tile).transpose(1, 2).reshape(ex.shape[0], -1)
-
-
-def _report_unfused(graph: fx.Graph, ctx: PassContext, done: set[fx.Node]) -> None:
-    """A row for every remaining decode whose value reaches an encode, with the reason."""
-    for decode in graph.nodes:
-        if (decode.target not in _DECODE_ARGS or decode in done
-                or decode.name in ctx.reported_decodes):
-            continue
-        seen, frontier, between, encodes = set(), [decode], [], []
-        for _ in range(12):
-            nxt = []
-            for node in frontier:
-                for user in node.users:
-                    if user in seen:
-                        continue
-                    seen.add(user)
-                    (encodes if user.target is stl.encode.default else between).append(user)
-                    if user.target is not stl.encode.default:
-                        nxt.append(user)
-            frontier = nxt
-        if not encodes:
-            continue
-        ops = sorted({str(getattr(n.target, "overloadpacket", n.target)) for n in between
-                      if n.op == "call_function"})
-        row_wise = any(n.target in _ROW_WISE for n in between)
-        row_reason = ("row-wise ops between that row-strip fusion does not match"
-                      if ctx.config.fuse_row_strip else
-                      "row-wise ops between (row-strip fusion is off: STLConfig.fuse_row_strip)")
-        reason = (row_reason if row_wise
-                  else "ops between are not element-wise or layout, or the decoded value is "
-                       "used elsewhere")
-        ctx.report.boundaries.append(BoundaryRow(
-            producer=site_name(decode), consumers=sorted({site_name(e) for e in encodes}),
-            kind="not fused", reason=f"{reason}: {', '.join(ops[:6])}"))

@@ -10,7 +10,8 @@ reads it), the normalized value (post-norm blocks, BERT), or nothing.
 Recognized norms: ``aten.layer_norm``, ``aten.rms_norm`` and the RMSNorm that
 transformers' models spell out (``w * (h * rsqrt(mean(h², -1) + eps)).to(dtype)`` with
 optional float32 casts). Between decode and add: a 1-D bias add, aliases, dropout in eval.
-Runs before :mod:`.fuse_decode_encode` (which reports every boundary left unfused).
+Runs before :mod:`.fuse_decode_encode`; :mod:`.report_boundaries` reports every boundary left
+unfused.
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ from torch import fx
 
 from ..report import BoundaryRow
 from ..runtime import ops as _ops  # noqa: F401  (registers stl::decode_norm_encode)
-from ._graph import aten, erase_dead, insert_call, parameter_of
-from .context import PassContext
-from .fuse_decode_encode import (
+from ._encoded import (
     Branch,
     hand_over,
     is_identity,
+    mark_reported,
     parse_branch,
     site_name,
     stacked_encoder,
     value_bytes,
 )
+from ._graph import aten, erase_dead, insert_call, parameter_of
+from .context import PassContext
+from .detect_causal import is_causal_mask
 
 stl = torch.ops.stl
 
@@ -249,7 +252,7 @@ def fuse_row_strip(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if strip is None or not strip.consumers:
             continue
         keep = _keep(strip) if isinstance(strip, Strip) else None
-        ctx.reported_decodes.add(strip.branch.decode.name)
+        mark_reported(strip.branch.decode)  # its row is written here, fused or not
         if strip.problem:
             ctx.report.boundaries.append(BoundaryRow(
                 site_name(strip.branch.decode), [site_name(c) for c in strip.consumers],
@@ -322,28 +325,13 @@ class SoftmaxStrip:
     problem: str = ""
 
 
-def _is_causal(mask: object, scores: fx.Node) -> bool:
-    """``~ones(rows, cols, dtype=bool).tril()`` for the scores' last two dims."""
-    if not (isinstance(mask, fx.Node) and mask.target is aten.bitwise_not.default):
-        return False
-    tril = mask.args[0]
-    if not (isinstance(tril, fx.Node) and tril.target is aten.tril.default
-            and (len(tril.args) < 2 or tril.args[1] == 0)):
-        return False
-    ones = tril.args[0]
-    return (isinstance(ones, fx.Node) and ones.target is aten.ones.default
-            and ones.kwargs.get("dtype") is torch.bool
-            and [str(d.meta["val"] if isinstance(d, fx.Node) else d) for d in ones.args[0]]
-            == [str(d) for d in scores.meta["val"].shape[-2:]])
-
-
 def _parse_scores(gm: fx.GraphModule, node: object, found: dict) -> Branch | None:
     """Walk from the softmax input back to a decode through at most one scale and the masks,
     recording them in ``found`` (keys scale, mask, causal, nodes)."""
     if not isinstance(node, fx.Node):
         return None
     if node.target is aten.masked_fill.Scalar and node.args[2] == float("-inf"):
-        key = "causal" if _is_causal(node.args[1], node) else "mask"
+        key = "causal" if is_causal_mask(node.args[1], node) else "mask"
         if found.get(key) is None:
             found[key] = node.args[1]
             found["nodes"].append(node)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .capture import capture
+from ..capture import capture
 from .context import PassContext
 
 
@@ -38,33 +38,3 @@ def _share_sizes(graph: fx.Graph) -> None:
             graph.erase_node(node)
         else:
             first[key] = node
-
-
-def _inline(graph: fx.Graph, node: fx.Node, traced: fx.Graph, module: torch.nn.Module) -> None:
-    """Copy ``traced`` in place of ``node``; its parameter placeholders become get_attrs."""
-    placeholders = [n for n in traced.nodes if n.op == "placeholder"]
-    params = [f"{node.target}.{name}" for name, _ in module.named_parameters()]
-    env: dict[fx.Node, fx.Node] = {}
-    stack = node.meta.get("nn_module_stack")
-    with graph.inserting_before(node):
-        for placeholder, arg in zip(placeholders, list(node.args)):
-            env[placeholder] = arg
-        # parameters go to the top, as in captured graphs, so any later node may read them
-        top = next(n for n in graph.nodes if n.op != "placeholder")
-        for placeholder, target in zip(placeholders[len(node.args):], params):
-            with graph.inserting_before(top):
-                attr = graph.get_attr(target)
-            attr.meta["val"] = placeholder.meta.get("val")
-            env[placeholder] = attr
-        for inner in traced.nodes:
-            if inner.op == "placeholder":
-                continue
-            if inner.op == "output":
-                node.replace_all_uses_with(env[inner.args[0]])
-                continue
-            copy = graph.node_copy(inner, lambda n: env[n])
-            if stack is not None:
-                copy.meta["nn_module_stack"] = stack
-            env[inner] = copy
-    graph.erase_node(node)
-

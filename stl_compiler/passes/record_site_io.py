@@ -6,7 +6,7 @@ see the accuracy cost of their rank before they deploy.
 
 from __future__ import annotations
 
-import itertools
+from typing import Any
 
 import torch
 from torch import fx
@@ -17,20 +17,26 @@ from .context import PassContext
 MATMUL_OPS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
               aten.matmul.default, aten.einsum.default)
 
-_STORES: dict[str, dict] = {}
-_keys = itertools.count()
+class _Recorder:
+    """The probe the pass inserts after each matmul node: keeps copies of the node's inputs
+    and output in ``store`` (the pass context's ``site_io``; no state outlives the pass)."""
 
+    def __init__(self, store: dict[str, tuple[tuple[Any, ...], torch.Tensor]]) -> None:
+        self.store = store
 
-def _record(key: str, name: str, inputs: list, output: torch.Tensor) -> None:
-    detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v
-    _STORES[key][name] = (tuple(detach(v) for v in inputs), output.detach().clone())
+    def record(self, name: str, inputs: list, output: torch.Tensor) -> None:
+        detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v
+        self.store[name] = (tuple(detach(v) for v in inputs), output.detach().clone())
 
 
 def record_site_io(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Run the example inputs once with a probe after every node in :data:`MATMUL_OPS`
+    (``aten.einsum``: its operand list); fill ``ctx.site_io`` (node name → copies of the
+    inputs and output) and remove the probes again: the graph leaves unchanged."""
     if not ctx.config.measure_error:
         return gm
-    key = f"record{next(_keys)}"
-    _STORES[key] = {}
+    recorded: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
+    recorder = _Recorder(recorded)
     probes = []
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in MATMUL_OPS:
@@ -38,14 +44,13 @@ def record_site_io(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if node.target is aten.einsum.default:
                 inputs = list(node.args[1])
             with gm.graph.inserting_after(node):
-                probes.append(gm.graph.call_function(_record, (key, node.name, inputs, node)))
+                probes.append(gm.graph.call_function(recorder.record, (node.name, inputs, node)))
     gm.recompile()
     try:
         with torch.no_grad():
             gm(*ctx.example_args, **ctx.example_kwargs)
-        ctx.site_io.update(_STORES[key])
+        ctx.site_io.update(recorded)
     finally:
-        del _STORES[key]
         for probe in probes:
             gm.graph.erase_node(probe)
     return gm

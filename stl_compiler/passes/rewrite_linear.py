@@ -37,6 +37,7 @@ from ._graph import (
     weight_operand,
 )
 from .context import PassContext, filter_module
+from .detect_causal import detect_causal, site_causality
 
 
 @dataclass
@@ -95,8 +96,8 @@ def _owner_is_replaceable(gm: fx.GraphModule, path: str, used: set[str]) -> bool
 
 
 def rewrite_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    detect_causal(gm, ctx)  # resolves row_grouping=None (a no-op after the detect_causal pass)
     config = ctx.config
-    ctx.report.row_grouping = config.row_grouping
     _cost_preconverted_sites(gm, ctx)
     groups: dict[str, list[LinearCall]] = defaultdict(list)
     for node in gm.graph.nodes:
@@ -142,6 +143,8 @@ def rewrite_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
         row.converted, row.tile, row.rank, row.basis = True, spec.tile, spec.rank, spec.basis.name
         row.isolated = module.rows_isolated
+        if ctx.report.causal_model is not None:
+            row.causal = site_causality(spec.basis, config.row_grouping)
         row.rel_error = _measure(ctx, module, calls)
         for call in calls:
             with gm.graph.inserting_before(call.node):

@@ -30,6 +30,7 @@ from ._graph import (
     weight_operand,
 )
 from .context import PassContext, warn_unused_overrides
+from .detect_causal import MATMUL_DENSE_REASON, detect_causal, site_causality
 
 _MATMULS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
 #: Matmul-like ops the pass knows it does not rewrite: reported as dense.
@@ -72,6 +73,7 @@ def site_name(node: fx.Node) -> str:
 
 
 def rewrite_matmul(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    detect_causal(gm, ctx)  # resolves row_grouping=None (a no-op after the detect_causal pass)
     stl_layers = sorted({module_path(n) for n in gm.graph.nodes if _inside_stl_module(n)})
     targets = ctx.config.targets_for(has_stl_layers=bool(stl_layers))
     for node in list(gm.graph.nodes):
@@ -170,6 +172,8 @@ def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node
     new.meta["nn_module_stack"] = stack
     row.converted, row.tile, row.rank, row.basis = True, spec.tile, spec.rank, spec.basis.name
     row.isolated = True  # "tokens" grouping: a tile's rows are positions of one sequence
+    if ctx.report.causal_model is not None:
+        row.causal = site_causality(spec.basis, config.row_grouping, kind="matmul")
     row.rel_error = _measure(ctx, module, node, transposed)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -188,6 +192,8 @@ def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, a: fx.Node, b:
     if config.row_grouping == "batch":
         return ("row_grouping='batch': activation x activation rows are positions of one "
                 "sequence, so STL would mix them (causality); kept dense")
+    if config.row_grouping == "causal":
+        return MATMUL_DENSE_REASON
     spec = config.site_spec(name)
     if spec is None:
         return "skipped by an override"

@@ -18,6 +18,8 @@ that exporters apply so ONNX and TensorRT see standard ops.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -91,10 +93,15 @@ def _decode_fake(encoded: Tensor, basis: Tensor, tile: int, rows: int, cols: int
 
 
 def _basis_grad(encoded_side: Tensor, plain_side: Tensor, tile: int) -> Tensor:
-    """``sum over tiles of encoded[p, tile] * vec(plain tile)[q]``, shape ``(r, t*t)``."""
+    """``sum over tiles of encoded[p, tile] * vec(plain tile)[q]``, shape ``(r, t*t)``.
+
+    The two sides may differ in dtype (autocast: a bf16 product against a float32 gradient,
+    when backward runs outside the autocast region): the product is formed in the wider one.
+    """
     rank = encoded_side.shape[0]
-    tiles = to_tiles(_pad_to_tiles(plain_side, tile), tile).reshape(-1, tile * tile)
-    return encoded_side.reshape(rank, -1) @ tiles
+    dtype = torch.promote_types(encoded_side.dtype, plain_side.dtype)
+    tiles = to_tiles(_pad_to_tiles(plain_side.to(dtype), tile), tile).reshape(-1, tile * tile)
+    return encoded_side.to(dtype).reshape(rank, -1) @ tiles
 
 
 def _save_operands(ctx, inputs, output) -> None:
@@ -431,12 +438,32 @@ DECOMPOSITIONS[torch.ops.stl.decode_norm_encode.default] = decode_norm_encode_at
 # at a time (softmax normalizes along the key dim, within a row).
 
 
+def causal_mask(rows: int, cols: int, device: torch.device | None = None) -> Tensor:
+    """The keys a query row may not see: ``~ones(rows, cols, dtype=bool).tril()``, True
+    above the diagonal (``masked_fill(scores, causal_mask(...), -inf)``).
+
+    The one definition of the causal mask: ``decompose_sdpa`` writes it into graphs,
+    ``stl::decode_softmax_encode(causal=True)`` applies it, and
+    :func:`stl_compiler.passes.detect_causal.is_causal_mask` matches the aten ops it traces
+    to (:func:`causal_mask_ops`)."""
+    return ~torch.ones(rows, cols, dtype=torch.bool, device=device).tril()
+
+
+@functools.cache
+def causal_mask_ops() -> tuple[torch._ops.OpOverload, ...]:
+    """The aten ops :func:`causal_mask` traces to, first to last (``ones``, ``tril``,
+    ``bitwise_not``), for matchers of the mask in captured graphs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda: causal_mask(2, 3))().graph
+    return tuple(node.target for node in graph.nodes if node.op == "call_function")
+
+
 def _masked_scores(encoded: Tensor, d: Tensor, scale: float, mask: Tensor | None, causal: bool,
                    tile: int, rows: int, cols: int) -> Tensor:
     s = decode_aten(encoded, d, tile, rows, cols) * scale
     if causal:
-        keep = torch.ones(rows, cols, dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
+        s = s.masked_fill(causal_mask(rows, cols, s.device), float("-inf"))
     if mask is not None:
         s = s.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else s + mask
     return s

@@ -193,7 +193,7 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None,
         ValueError: the file is not an ONNX model ONNX Runtime can load, an unknown
             ``optimization_level``, or unavailable ``providers``.
     """
-    from ..exporters._files import existing_file, staged
+    from .._files import existing_file, staged
 
     ort = _import_ort()
     path = existing_file(path, "ONNX model")

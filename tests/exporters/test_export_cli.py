@@ -18,7 +18,7 @@ from stl_helpers import rel_err
 
 import stl_compiler as stl
 from stl_compiler.cli import main
-from stl_compiler.exporters.cli import _config, _load_model, _profile
+from stl_compiler.cli.export import _config, _load_model, _profile
 from stl_compiler.runtime import ort_session
 
 FACTORIES = textwrap.dedent('''

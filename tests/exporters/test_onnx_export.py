@@ -24,9 +24,11 @@ from stl_compiler.runtime.ops import decode, encode
 
 TOL = 1e-4  # float32 relative error, ORT vs the torch STL module
 # max_cost_ratio=None: convert whatever it costs (these tiny models cost more in STL than
-# dense); the tests check the export, not the cost guard.
+# dense); the tests check the export, not the cost guard. RANK24 tiles tokens on the causal
+# decoder too (allow_non_causal): the export, not causality (tests/test_causality.py).
 EXACT = stl.STLConfig(basis="strassen", tile=4, min_dim=1, max_cost_ratio=None)
-RANK24 = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1, max_cost_ratio=None)
+RANK24 = stl.STLConfig(basis="random", tile=4, rank=24, min_dim=1, max_cost_ratio=None,
+                       row_grouping="tokens", allow_non_causal=True)
 
 
 def mlp() -> MLP:

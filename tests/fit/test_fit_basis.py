@@ -106,3 +106,139 @@ def test_shipped_bases_load_and_their_alpha_is_reproduced():
         previous = basis.alpha
     assert bases.fitted(4, 40).alpha <= two_four_alpha(4)  # issue 15: match 2:4 at r <= 40
     assert bases.fitted(4, 48).exactness_error() < 1e-9  # deflating dps48 by 0 rows: exact
+
+
+# --- causal token bases (fit_basis(support=...)) ----------------------------------------
+
+def _tile_error_monte_carlo(basis, moments, n=100_000, seed=0):
+    """Mean squared error per entry of the STL tile product against X @ W, in float64, for
+    X, W drawn with the given second moments (Gaussian, so the moments are all there is)."""
+    gen = torch.Generator().manual_seed(seed)
+    lx, lw = (torch.linalg.cholesky(m) for m in moments)
+    x = torch.randn(n, 16, generator=gen, dtype=torch.float64) @ lx.T
+    w = torch.randn(n, 16, generator=gen, dtype=torch.float64) @ lw.T
+    exact = (x.view(n, 4, 4) @ w.view(n, 4, 4)).reshape(n, 16)
+    approx = ((x @ basis.ex.T) * (w @ basis.ew.T)) @ basis.d
+    return float((exact - approx).square().mean())
+
+
+def _outside_support(basis, support="causal"):
+    from stl_compiler.fit.fitting import basis_pivots, pivot_masks
+
+    pivots = basis_pivots(basis, support)
+    assert pivots is not None
+    ex_mask, d_mask = pivot_masks(4, pivots, support)
+    return torch.cat([basis.ex[~ex_mask], basis.d[~d_mask]])
+
+
+def test_causal_fit_is_causal_and_beats_row_separable_on_correlated_tokens():
+    from stl_compiler.fit.alpha import token_moments
+    from stl_compiler.tiling import is_causal, is_row_separable, row_separable
+
+    moments = token_moments(4, 0.8)
+    basis, alpha = fit_basis(4, 24, data=moments, support="causal", restarts=2, steps=150,
+                             seed=3, search_sweeps=30)
+    assert is_causal(basis, tol=0.0) and not is_row_separable(basis)  # exact zeros
+    assert torch.all(_outside_support(basis) == 0)
+    assert basis.name == "causal4x24"
+    assert alpha == pytest.approx(basis_alpha(basis, moments), rel=1e-9)
+    separable = basis_alpha(row_separable(4, 24), moments)
+    assert separable == pytest.approx(2.5, rel=1e-6)  # (64 - r)/16 whatever the correlation
+    assert alpha < 0.6 * separable  # measured 1.10 (rho = 0.8) against 2.5
+    # α is the mean squared error of the tile product on such tiles (Monte Carlo, 1e5 tiles:
+    # a standard error of about 1%)
+    assert _tile_error_monte_carlo(basis, moments) == pytest.approx(alpha, rel=0.05)
+
+
+def test_causal_fit_on_gaussian_tiles_ties_the_row_separable_bound():
+    """For i.i.d. tiles the diagonal blocks (input row a -> output row a) of a causal basis
+    come from the terms with pivot a only, so α >= (64 - r)/16, which row-separable bases
+    reach: the fit must land exactly there, at any rank (not only multiples of 4)."""
+    from stl_compiler.tiling import is_causal
+
+    for rank in (18, 24):
+        basis, alpha = fit_basis(4, rank, support="causal", restarts=1, steps=60,
+                                 search_sweeps=20)
+        assert is_causal(basis, tol=0.0)
+        assert alpha == pytest.approx((64 - rank) / 16, rel=1e-6)
+        assert alpha >= (64 - rank) / 16 * (1 - 1e-9)
+
+
+def test_row_separable_support_with_correlated_samples_keeps_exact_zeros():
+    from stl_compiler.tiling import is_row_separable, row_separable
+
+    gen = torch.Generator().manual_seed(1)
+    mix = torch.randn(16, 16, generator=gen, dtype=torch.float64) * 0.4 + torch.eye(16)
+    x = torch.randn(400, 16, generator=gen, dtype=torch.float64) @ mix
+    w = torch.randn(400, 16, generator=gen, dtype=torch.float64)
+    basis, alpha = fit_basis(4, 12, data=(x, w), support="row_separable", restarts=2,
+                             steps=40)
+    assert is_row_separable(basis, tol=0.0)
+    assert torch.all(_outside_support(basis, "row_separable") == 0)
+    assert alpha == pytest.approx(basis_alpha(basis, (x, w)), rel=1e-9)
+    assert alpha < basis_alpha(row_separable(4, 12), (x, w))
+
+
+def test_causal_fit_is_deterministic_and_honours_given_pivots():
+    from stl_compiler.fit.alpha import token_moments
+    from stl_compiler.fit.fitting import basis_pivots
+
+    moments = token_moments(4, 0.5)
+    pivots = [0] * 10 + [2] * 6
+    a, alpha_a = fit_basis(4, 16, data=moments, support="causal", pivots=pivots, restarts=2,
+                           steps=40, seed=7)
+    b, alpha_b = fit_basis(4, 16, data=moments, support="causal", pivots=pivots, restarts=2,
+                           steps=40, seed=7)
+    assert alpha_a == alpha_b and all(torch.equal(x, y) for x, y in zip(a.matrices,
+                                                                       b.matrices))
+    assert sorted(basis_pivots(a)) == pivots
+    # a causal basis as init keeps its pivots and does not get worse
+    again, alpha = fit_basis(4, 16, data=moments, support="causal", init=a, steps=20)
+    assert alpha <= alpha_a * (1 + 1e-9) and sorted(basis_pivots(again)) == pivots
+
+
+def test_fit_basis_rejects_bad_support_arguments():
+    with pytest.raises(ValueError, match="support must be None or one of"):
+        fit_basis(4, 8, support="lower")
+    with pytest.raises(ValueError, match="ALS only"):
+        fit_basis(4, 8, support="causal", method="sgd")
+    with pytest.raises(ValueError, match="init='deflate' is not one of them"):
+        fit_basis(4, 8, support="causal", init="deflate")
+    with pytest.raises(ValueError, match="pivots must give one tile row per term"):
+        fit_basis(4, 8, support="causal", pivots=[0, 1])
+    with pytest.raises(ValueError, match="pivots must be tile rows 0..3"):
+        fit_basis(4, 2, support="causal", pivots=[0, 4])
+    with pytest.raises(ValueError, match="pivots needs support"):
+        fit_basis(4, 2, pivots=[0, 1])
+    with pytest.raises(ValueError, match="does not fit support='causal'"):
+        fit_basis(4, 49, support="causal", init=bases.strassen(4))
+
+
+def test_fit_basis_cli_causal(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from stl_compiler.cli import main
+    from stl_compiler.fit.alpha import token_moments
+    from stl_compiler.tiling import is_causal
+
+    out = tmp_path / "causal.safetensors"
+    argv = ["fit-basis", "--causal", "--rho", "0.8", "--rank", "12", "--steps", "40",
+            "--restarts", "1", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    basis = bases.load(out)
+    assert is_causal(basis, tol=0.0) and basis.rank == 12
+    assert summary["alpha"] == basis.alpha == pytest.approx(basis_alpha(basis), rel=1e-9)
+    assert summary["alpha_tokens"] == pytest.approx(
+        basis_alpha(basis, token_moments(4, 0.8)), rel=1e-9)
+    assert summary["alpha_tokens"] < summary["alpha_row_separable"] == (64 - 12) / 16
+    with safe_open(str(out), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["support"] == "causal" and json.loads(meta["rho"]) == 0.8
+    # --rho needs --causal; --causal refuses a deflation init
+    for extra, message in ((["--rho", "0.5"], "--rho needs --causal"),
+                           (["--causal", "--init", "deflate"], "drop --init deflate"),
+                           (["--causal", "--rho", "0.5", "0.2"], "--rho takes 1 value")):
+        argv = ["fit-basis", "--rank", "12", "--out", str(tmp_path / "x.safetensors"), *extra]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err

@@ -258,3 +258,70 @@ def test_row_support_is_none_unless_batch_grouped_and_row_separable():
     ex_mask, d_mask = row_support(layer)
     row = torch.arange(24)[:, None] // 6 == torch.arange(16)[None] // 4  # term p: row p // 6
     assert torch.equal(ex_mask, row) and torch.equal(d_mask, row)
+
+
+def _causal_basis(rank=24):
+    """A causal basis with cross-row terms (not row-separable): a quick fit to correlated
+    tokens with a fixed pivot split (every row has terms, so every token sees itself)."""
+    from stl_compiler.fit import fit_basis
+    from stl_compiler.fit.alpha import token_moments
+
+    share = rank // 8
+    pivots = [0] * (rank - 3 * share) + [1] * share + [2] * share + [3] * share
+    return fit_basis(4, rank, data=token_moments(4, 0.8), support="causal", pivots=pivots,
+                     restarts=1, steps=30)[0]
+
+
+def _future_leak(model, dim, seq=11, seed=0):
+    """Largest change of an output at positions < j when input token j changes, over j,
+    in float64 (0.0 exactly for a causal model)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, seq, dim, generator=gen, dtype=torch.float64)
+    worst = 0.0
+    with torch.no_grad():
+        ref = model(x)
+        for j in range(1, seq):
+            changed = x.clone()
+            changed[:, j] += torch.randn(3, dim, generator=gen, dtype=torch.float64) * 3
+            out = model(changed)
+            worst = max(worst, float((out[:, :j] - ref[:, :j]).abs().max()))
+            assert float((out[:, j] - ref[:, j]).abs().max()) > 1e-3  # token j sees itself
+    return worst
+
+
+@pytest.mark.parametrize("basis", ["converted", "row_separable"])
+def test_calibrate_keeps_a_causal_layer_causal(basis):
+    torch.manual_seed(11)
+    dense = Mlp().double()
+    model = copy.deepcopy(dense)
+    stl.swap_linears_(model, stl.STLConfig(rank=24, basis=_causal_basis(), min_dim=8,
+                                           row_grouping="causal", max_cost_ratio=None),
+                      keep_reference=True)
+    model.double()
+    assert not stl.tiling.is_row_separable(model.up)
+    batches = [b.double() for b in _batches(seed=3)]
+    table = calibrate(model, batches, steps=2, basis=basis, progress=False)
+    assert all(r["error_after"] < 0.9 * r["error_before"] for r in table.rows)
+    for layer in (model.up, model.down):
+        assert stl.tiling.is_causal(layer, tol=0.0) and layer.keeps_causality
+    assert _future_leak(model, 24) == 0.0
+
+
+def test_support_masks_of_a_causal_layer_keep_any_update_causal():
+    from stl_compiler.fit.calibrate import row_support, support_masks
+    from stl_compiler.fit.fitting import pivot_masks
+
+    basis = _causal_basis(16)
+    layer = stl.STLLinear.from_linear(nn.Linear(8, 8), basis, row_grouping="causal")
+    ex_mask, d_mask = support_masks(layer)
+    first_write = torch.stack([torch.nonzero(r.reshape(4, 4).any(1))[0, 0] for r in basis.d != 0])
+    expect = pivot_masks(4, first_write, "causal")
+    assert torch.equal(ex_mask, expect[0]) and torch.equal(d_mask, expect[1])
+    assert torch.equal(row_support(layer)[0], ex_mask)  # the former name
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # any values inside the masks: still causal
+        layer.ex.copy_(torch.randn(16, 16, generator=gen) * ex_mask)
+        layer.d.copy_(torch.randn(16, 16, generator=gen) * d_mask)
+    assert stl.tiling.is_causal(layer, tol=0.0)
+    # the same basis under "tokens" grouping: nothing to preserve
+    assert support_masks(stl.STLLinear.from_linear(nn.Linear(8, 8), basis)) is None

@@ -156,3 +156,48 @@ def test_distill_keeps_a_batch_grouped_layer_row_separable():
     with torch.no_grad():
         ref = student(x)[0]
         assert float((student(changed)[0] - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_distill_keeps_a_causal_layer_causal():
+    """Adam on ex / d of a causal "causal" layer stays inside each term's pivot masks: no
+    output position comes to depend on a later token (exactly, in float64)."""
+    from stl_compiler.fit import fit_basis
+    from stl_compiler.fit.alpha import token_moments
+    from stl_compiler.fit.calibrate import support_masks
+
+    torch.manual_seed(8)
+    basis = fit_basis(4, 16, data=token_moments(4, 0.8), support="causal",
+                      pivots=[0] * 7 + [1] * 3 + [2] * 3 + [3] * 3, restarts=1, steps=30)[0]
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).double()
+    student = copy.deepcopy(teacher)
+    stl.swap_linears_(student, stl.STLConfig(rank=16, basis=basis, min_dim=8,
+                                             row_grouping="causal", max_cost_ratio=None))
+    student.double()
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(4, 9, 16, generator=gen, dtype=torch.float64) for _ in range(2)]
+
+    def mse():
+        with torch.no_grad():
+            return sum(float((student(b) - teacher(b)).square().mean()) for b in data)
+
+    before = mse()
+    layers = [m for m in student.modules() if isinstance(m, stl.STLLinear)]
+    assert len(layers) == 2
+    start = [(m.ex.detach().clone(), m.d.detach().clone()) for m in layers]
+    masks = [support_masks(m) for m in layers]
+    distill(student, teacher, data, steps=20, lr=1e-2, loss="mse", progress=False)
+    assert mse() < 0.8 * before
+    for layer, (ex, d), (ex_mask, d_mask) in zip(layers, start, masks):
+        assert stl.tiling.is_causal(layer, tol=0.0) and layer.keeps_causality
+        # ex and d did train, inside their masks: the entries outside stayed exactly zero
+        assert not torch.equal(layer.ex, ex) and not torch.equal(layer.d, d)
+        assert torch.all(layer.ex[~ex_mask] == 0) and torch.all(layer.d[~d_mask] == 0)
+        assert torch.all(ex[~ex_mask] == 0) and torch.all(d[~d_mask] == 0)
+    x = torch.randn(2, 11, 16, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        ref = student(x)
+        for j in range(1, 11):
+            changed = x.clone()
+            changed[:, j] += 3 * torch.randn(2, 16, generator=gen, dtype=torch.float64)
+            assert torch.equal(student(changed)[:, :j], ref[:, :j])
+            assert not torch.equal(student(changed)[:, j], ref[:, j])

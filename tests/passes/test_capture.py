@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from stl_compiler.passes.capture import capture, input_specs
+from stl_compiler.capture import capture, input_specs
 
 
 class BatchFastPath(nn.Module):

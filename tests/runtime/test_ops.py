@@ -656,3 +656,27 @@ def test_decode_norm_encode_rejects_a_residual_of_another_dtype():
                                          "is torch.float64"):
         ops.decode_norm_encode(encoded, d, None, torch.randn(2, 3, 5), "rms", None, None, 1e-5,
                                ex, "sum", 2, 3, 5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_forward_then_backward_outside_autocast(bias):
+    """An STLLinear under bf16 autocast after a float32 LayerNorm (a bf16 product, float32
+    ex / d / gradients), with backward outside the autocast region as PyTorch recommends:
+    the basis gradients mix dtypes and must still match float64 within bf16 error."""
+    from torch import nn
+
+    from stl_compiler import STLLinear, bases
+
+    layer = STLLinear.from_linear(nn.Linear(64, 48, bias=bias), bases.strassen(4))
+    reference = STLLinear.from_linear(nn.Linear(64, 48, bias=bias), bases.strassen(4)).double()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 12, 64)
+    head = torch.randn(8, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.linear(layer(F.layer_norm(x, (64,))), head).float().square().mean()
+    loss.backward()
+    F.linear(reference(F.layer_norm(x.double(), (64,))), head.double()).square().mean().backward()
+    for name in ("ex", "d", "weight_encoded"):
+        got, want = getattr(layer, name).grad, getattr(reference, name).grad
+        assert got.dtype == torch.float32
+        assert rel_err(got, want) < 5e-2, name

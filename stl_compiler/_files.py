@@ -1,6 +1,8 @@
 """Atomic output: build every artifact in a staging directory, move it into place at the end.
 
 A failed or interrupted export leaves the destination as it was: nothing half-written.
+A leaf module (standard library only): the exporters, the CLI and ``runtime.ort`` (optimized
+ONNX Runtime models) all write through it.
 """
 
 from __future__ import annotations

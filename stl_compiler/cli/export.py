@@ -160,7 +160,7 @@ def _is_path(text: str) -> bool:
 
 def _import_source(source: str) -> Any:
     """The module holding the factory: a .py file, or an import path (cwd on sys.path)."""
-    from ._files import existing_file
+    from .._files import existing_file
 
     if _is_path(source):
         path = existing_file(source, "--model file").resolve()
@@ -220,7 +220,7 @@ def _load_basis(path: str | os.PathLike, flag: str) -> Any:
 
 def _read_config(path: Path) -> dict[str, Any]:
     """The JSON of ``STLConfig.to_dict()``; a basis path in it is relative to the file."""
-    from ._files import existing_file
+    from .._files import existing_file
 
     existing_file(path, "--config file")
     try:
@@ -296,8 +296,8 @@ def _config(args: argparse.Namespace) -> Any:
 
 def _load_checkpoint(model: torch.nn.Module, path: Path, config: Any) -> None:
     """Convert ``model`` with ``swap_linears_(config)`` and load the calibrated state."""
+    from .._files import existing_file
     from ..convert import swap_linears_
-    from ._files import existing_file
 
     existing_file(path, "--checkpoint file")
     try:
@@ -328,7 +328,7 @@ def _load_checkpoint(model: torch.nn.Module, path: Path, config: Any) -> None:
 def _convert(model: torch.nn.Module, inputs: tuple, config: Any) -> torch.nn.Module:
     """The one place the CLI converts a model to STL."""
     from ..api import stl_compile
-    from ..passes.capture import CaptureError
+    from ..capture import CaptureError
 
     try:
         converted = stl_compile(model, inputs, config, backend="eager")
@@ -353,7 +353,7 @@ def _check_output(out: Path, force: bool) -> None:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Options the format cannot use: a warning line each; an unsupported --opset: an error."""
-    from .onnx import supported_opsets
+    from ..exporters.onnx import supported_opsets
 
     for attr, flag, formats, why in _FORMAT_OPTIONS:
         if getattr(args, attr) is not None and args.format not in formats:
@@ -408,15 +408,15 @@ def _profile(onnx_path: Path, inputs: tuple, max_shapes: list[tuple[int, ...]] |
 
 def run(args: argparse.Namespace) -> int:
     """Load, convert, export; the output appears only when every step succeeded."""
-    from ._program import check_runs_on_example
-    from ._quiet import quiet_torch_internals
+    from ..capture import check_runs_on_example
+    from ..exporters._quiet import quiet_torch_internals
 
     name = args.name or args.model.rpartition(":")[2]
     out: Path = args.out
     _check_output(out / name if args.format == "triton" else out, args.force)
     _check_options(args)
     if args.format == "tensorrt":
-        from .tensorrt import _import_tensorrt
+        from ..exporters.tensorrt import _import_tensorrt
 
         _import_tensorrt()  # fail before the slow steps when TensorRT is missing
     config = _config(args)
@@ -438,7 +438,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace, model: torch.nn.Module, inputs: tuple,
             max_shapes: list[tuple[int, ...]] | None, name: str) -> None:
-    from . import build_tensorrt_engine, export_aoti, export_onnx, write_triton_model_repository
+    from ..exporters import (
+        build_tensorrt_engine,
+        export_aoti,
+        export_onnx,
+        write_triton_model_repository,
+    )
 
     out: Path = args.out
     dtype = torch.float16 if args.fp16 else None

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-_SUBCOMMAND_MODULES = ("stl_compiler.fit.cli", "stl_compiler.exporters.cli")
+_SUBCOMMAND_MODULES = ("stl_compiler.fit.cli", "stl_compiler.cli.export")
 
 #: Errors that mean "the user asked for something that cannot be done": reported in one line.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError,
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog="stl-compiler", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

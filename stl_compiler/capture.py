@@ -8,6 +8,10 @@ drops the guards ``size != 1`` that torch's own ops still emit (stride computati
 torch.export's default makes exactly that assumption (dynamic dims are traced as >= 2 and
 admitted at 0/1 at run time), so the graph is the one torch.export itself would serve batch
 1 with. ``Dim(min=1)`` is raised to ``min=2`` for the same reason (the range check admits 1).
+
+The example-input checks every front end runs before capturing (:func:`check_runs_on_example`,
+:func:`describe_inputs`) live here too. A leaf module (torch only): ``api``, the exporters and
+``passes.lower_sites`` (the re-capture) import it.
 """
 
 from __future__ import annotations
@@ -158,6 +162,66 @@ def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any], dynamic_shap
     _views_to_reshapes(module.graph)
     module.recompile()
     return module
+
+
+def check_runs_on_example(module: nn.Module, args: tuple, kwargs: dict[str, Any], *,
+                          fix: str = "give example inputs that forward accepts (one per "
+                          "input, keyword ones in example_kwargs)") -> None:
+    """Run ``module`` eagerly (eval mode, no grad) on the example inputs.
+
+    A model that fails on its example cannot be exported, and ``torch.export`` reports that
+    as a symbolic-shape error about dims it invented; the eager error names the real problem.
+
+    Raises:
+        ValueError: the example does not fit ``forward``'s parameters, or the model raises
+            on it (the model's error is quoted and chained); ``fix`` ends the message.
+    """
+    named = {f"input {i}": v for i, v in enumerate(args)} | kwargs
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # a forward without an inspectable signature
+        signature = None
+    if signature is not None:
+        try:
+            named = dict(signature.bind(*args, **kwargs).arguments)
+        except TypeError as err:
+            raise ValueError(f"the example inputs ({describe_inputs(named)}) do not fit "
+                             f"{type(module).__name__}.forward{signature}: {err}; {fix}") \
+                from None
+    with eval_mode(module), torch.no_grad():
+        try:
+            module(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the model's own error, quoted and chained
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise ValueError(f"the model fails on the example input ({describe_inputs(named)}):"
+                             f" {type(err).__name__}: {first}; {fix}") from err
+
+
+def describe_inputs(named: dict[str, Any]) -> str:
+    """``"x: float32[2, 16, 64], mask: bool[2, 16]"``: example inputs by name."""
+
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+        return type(value).__name__
+
+    return ", ".join(f"{name}: {one(value)}" for name, value in named.items()) or "no inputs"
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the export, restored afterwards. A module made by ``torch.export``
+    (``stl_compile`` output) refuses ``eval()``: its mode was fixed when it was captured."""
+    was_training = module.training
+    try:
+        module.eval()
+    except NotImplementedError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 @dataclass(frozen=True)

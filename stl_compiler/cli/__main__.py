@@ -1,0 +1,7 @@
+"""``python -m stl_compiler.cli``: the ``stl-compiler`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
