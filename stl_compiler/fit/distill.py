@@ -3,6 +3,8 @@ dense one, in one process or on every rank of a torch.distributed job (docs/dist
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Sequence
@@ -76,8 +78,8 @@ def _support_masks(student: nn.Module, trained: list[Tensor]) -> list[tuple[Tens
 def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *,
             steps: int = 100, lr: float = 1e-3, loss: str = "kl", temperature: float = 1.0,
             params: str = "stl", warmup: int = 0, features: Sequence[str] = (),
-            feature_weight: float = 1.0, shard: str = "rows", progress: bool = True
-            ) -> list[float]:
+            feature_weight: float = 1.0, shard: str = "rows",
+            autocast: torch.dtype | None = None, progress: bool = True) -> list[float]:
     """Fine-tune ``student`` to reproduce ``teacher``'s outputs.
 
     Trained: every :class:`~stl_compiler.STLLinear`'s ``weight_encoded`` (a free "fake
@@ -122,6 +124,11 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
             passes the same batches, each takes an equal slice of dim 0: a step sees the whole
             global batch), ``"batches"`` (each rank takes every world-size-th batch whole) or
             ``"local"`` (the batches are already this rank's own). Ignored in one process.
+        autocast: run both forwards under ``torch.autocast(dtype=autocast)`` (e.g.
+            ``torch.bfloat16``, the precision of deployment), one autocast region per step and
+            backward outside it. Do not wrap ``distill`` in ``torch.autocast`` yourself: the
+            region's cached low-precision copies of the weights would outlive the optimizer's
+            updates, and training would follow stale weights.
         progress: show a progress bar on stderr (rank 0 only).
 
     Returns:
@@ -179,6 +186,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
         p.requires_grad_(True)
     dist_.broadcast_module(student)
     row_masks = _support_masks(student, trained)
+    precision = (contextlib.nullcontext if autocast is None else functools.partial(
+        torch.autocast, trained[0].device.type, dtype=autocast))
     opt = torch.optim.Adam(trained, lr=lr)
 
     def factor(step: int) -> float:
@@ -199,10 +208,11 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[object], *
         for step, batch in enumerate(itertools.islice(itertools.cycle(batches), steps)):
             seen["student"].clear()
             seen["teacher"].clear()
-            with torch.no_grad():
-                target = _output_tensor(run_batch(teacher, batch), "teacher")
-            value = _loss(_output_tensor(run_batch(student, batch), "student"), target, loss,
-                          temperature)
+            with precision():
+                with torch.no_grad():
+                    target = _output_tensor(run_batch(teacher, batch), "teacher")
+                value = _loss(_output_tensor(run_batch(student, batch), "student"), target,
+                              loss, temperature)
             if features:
                 if len(seen["student"]) != len(seen["teacher"]):
                     raise ValueError(f"features: the student called them "

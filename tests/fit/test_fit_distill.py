@@ -201,3 +201,24 @@ def test_distill_keeps_a_causal_layer_causal():
             changed[:, j] += 3 * torch.randn(2, 16, generator=gen, dtype=torch.float64)
             assert torch.equal(student(changed)[:, :j], ref[:, :j])
             assert not torch.equal(student(changed)[:, j], ref[:, j])
+
+
+def test_distill_under_bf16_autocast_lowers_the_loss_and_keeps_float32_parameters():
+    """autocast=torch.bfloat16: one autocast region per step, so the optimizer's updates reach
+    the next step's bf16 weights (a region spanning the loop would reuse stale cached copies).
+    The student improves as measured in float32, its parameters stay float32, and the curve
+    follows the float32 run closely."""
+    teacher, student = _pair(1)
+    twin = copy.deepcopy(student)
+    batches = [torch.randn(32, 16) for _ in range(4)]
+    before = _loss(student, teacher, batches)
+    curve = distill(student, teacher, batches, steps=60, lr=3e-3, autocast=torch.bfloat16,
+                    progress=False)
+    reference = distill(twin, teacher, batches, steps=60, lr=3e-3, progress=False)
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    after = _loss(student, teacher, batches)
+    assert after < 0.7 * before
+    assert after < 2.0 * _loss(twin, teacher, batches) + 1e-3
+    assert sum(curve[-4:]) < 0.7 * sum(curve[:4])
+    assert abs(sum(curve[:4]) - sum(reference[:4])) < 0.1 * sum(reference[:4])
+    assert curve[0] != reference[0]  # the forwards did run in bf16
