@@ -21,11 +21,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from stl_compiler.models import DecoderBlock, EncoderBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -270,3 +273,54 @@ def timing_row(fn: Callable[[], object], device: torch.device, runs: int) -> dic
     gpu = gpu_kernel_ms(fn, device)
     return {"ms": ms, "wall_ms": wall, "gpu_ms": gpu,
             "host_ms": None if gpu is None else max(0.0, wall - gpu)}
+
+
+@dataclass
+class ModelSpec:
+    """One benchmarked stack."""
+
+    name: str
+    kind: str  # "decoder" | "encoder"
+    layers: int
+    dim: int
+    mlp_dim: int
+    heads: int
+    kv_heads: int
+    batch: int
+    seq: int
+    norm_first: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+class Stack(nn.Module):
+    """Blocks applied in sequence to hidden states ``(batch, seq, dim)``."""
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def build(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Tensor]:
+    """The dense stack (bf16, eval, no grad) and a random input, reproducible."""
+    torch.manual_seed(0)
+    if spec.kind == "decoder":
+        blocks = [DecoderBlock(spec.dim, spec.heads, spec.kv_heads, spec.mlp_dim)
+                  for _ in range(spec.layers)]
+    else:
+        blocks = [EncoderBlock(spec.dim, spec.heads, spec.mlp_dim, norm_first=spec.norm_first)
+                  for _ in range(spec.layers)]
+        for block in blocks:
+            block.attn.use_sdpa = True  # flash attention, in every column
+    model = Stack(blocks).to(device=device, dtype=DTYPE).eval()
+    model.requires_grad_(False)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(spec.batch, spec.seq, spec.dim, device=device, dtype=DTYPE, generator=gen)
+    return model, x

@@ -62,7 +62,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (after the path fix above)
     DTYPE,
     TILE,
+    ModelSpec,
     boundary_summary,
+    build,
     device_or_exit,
     environment,
     first_call_s,
@@ -90,58 +92,6 @@ from _common import (  # noqa: E402  (after the path fix above)
 )
 
 import stl_compiler as stl  # noqa: E402
-from stl_compiler.models import DecoderBlock, EncoderBlock  # noqa: E402
-
-
-@dataclass
-class ModelSpec:
-    """One benchmarked stack."""
-
-    name: str
-    kind: str  # "decoder" | "encoder"
-    layers: int
-    dim: int
-    mlp_dim: int
-    heads: int
-    kv_heads: int
-    batch: int
-    seq: int
-    norm_first: bool = True
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
-
-
-class Stack(nn.Module):
-    """Blocks applied in sequence to hidden states ``(batch, seq, dim)``."""
-
-    def __init__(self, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-def build(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Tensor]:
-    """The dense stack (bf16, eval, no grad) and a random input, reproducible."""
-    torch.manual_seed(0)
-    if spec.kind == "decoder":
-        blocks = [DecoderBlock(spec.dim, spec.heads, spec.kv_heads, spec.mlp_dim)
-                  for _ in range(spec.layers)]
-    else:
-        blocks = [EncoderBlock(spec.dim, spec.heads, spec.mlp_dim, norm_first=spec.norm_first)
-                  for _ in range(spec.layers)]
-        for block in blocks:
-            block.attn.use_sdpa = True  # flash attention, in every column
-    model = Stack(blocks).to(device=device, dtype=DTYPE).eval()
-    model.requires_grad_(False)
-    gen = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(spec.batch, spec.seq, spec.dim, device=device, dtype=DTYPE, generator=gen)
-    return model, x
 
 
 def specs(args: argparse.Namespace) -> list[ModelSpec]:

@@ -17,7 +17,7 @@ from torch import nn
 import stl_compiler as stl
 
 # the transformer block and the training loop live in the package (make demo uses them too)
-from stl_compiler._demo_digits import Block, train  # noqa: F401 - re-exported
+from stl_compiler.digits import Block, train  # noqa: F401 - re-exported
 from stl_compiler.fit import calibrate, distill
 
 #: The char LM's corpus: these files of the running Python's standard library.

@@ -15,7 +15,7 @@ import copy
 import torch
 from _common import compare_ranks, parse_args, report, train
 
-from stl_compiler._demo_digits import DigitsViT, load, loss_fn  # shared with make demo
+from stl_compiler.digits import DigitsViT, load, loss_fn  # shared with make demo
 
 
 def main() -> None:

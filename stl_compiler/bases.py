@@ -27,6 +27,7 @@ __all__ = [
     "random",
     "fitted",
     "fitted_ranks",
+    "FITTED_CONDITIONINGS",
     "causal",
     "causal_ranks",
     "dps48",
@@ -269,7 +270,8 @@ def resolve(spec: STLBasis | str, tile: int, rank: int, seed: int = 0) -> STLBas
 
     Names: ``"strassen"`` (exact, rank fixed by the tile), ``"strassen-pruned"``,
     ``"naive"`` (exact, rank t³), ``"dps48"`` (exact, rank 48, tile 4 only; see
-    :func:`dps48`), ``"random"``, ``"fitted"`` (shipped fitted bases).
+    :func:`dps48`), ``"random"``, ``"fitted"`` (shipped fitted bases, minimum α),
+    ``"fitted-bf16"`` (shipped bf16-conditioned bases: ``fitted(tile, rank, "bf16")``).
     An ``STLBasis`` is checked against ``tile`` and returned as is.
     """
     if isinstance(spec, STLBasis):
@@ -288,33 +290,71 @@ def resolve(spec: STLBasis | str, tile: int, rank: int, seed: int = 0) -> STLBas
         return random(tile, rank, seed)
     if spec == "fitted":
         return fitted(tile, rank)
+    if spec == "fitted-bf16":
+        return fitted(tile, rank, conditioning="bf16")
     if spec == "dps48":
         if tile != 4:
             raise ValueError(f"basis 'dps48' is a 4x4 tile scheme, config asks for tile {tile}; "
                              f"use tile=4 or basis='strassen'")
         return dps48()
-    raise ValueError(f"unknown basis name {spec!r}; choose one of 'fitted', 'strassen', "
-                     f"'strassen-pruned', 'naive', 'dps48', 'random', or pass an STLBasis")
+    raise ValueError(f"unknown basis name {spec!r}; choose one of 'fitted', 'fitted-bf16', "
+                     f"'strassen', 'strassen-pruned', 'naive', 'dps48', 'random', or pass an "
+                     f"STLBasis")
 
 
 def _data_dir() -> str:
     return os.path.join(os.path.dirname(__file__), "data")
 
 
-def fitted_ranks(tile: int = 4) -> list[int]:
-    """Ranks for which a fitted basis of this tile ships with the package."""
-    pattern = re.compile(rf"fitted_t{tile}_r(\d+)\.safetensors$")
+#: ``conditioning`` values of :func:`fitted`: None (minimum α) and ``"bf16"``.
+FITTED_CONDITIONINGS = (None, "bf16")
+
+
+def _fitted_prefix(conditioning: str | None) -> str:
+    if conditioning not in FITTED_CONDITIONINGS:
+        raise ValueError(f"conditioning must be one of {FITTED_CONDITIONINGS} (None: the "
+                         f"minimum-alpha basis; 'bf16': the bf16-conditioned one), got "
+                         f"{conditioning!r}")
+    return "fitted" if conditioning is None else f"fitted_{conditioning}"
+
+
+def fitted_ranks(tile: int = 4, conditioning: str | None = None) -> list[int]:
+    """Ranks for which a fitted basis of this tile (and ``conditioning``, see :func:`fitted`)
+    ships with the package."""
+    pattern = re.compile(rf"{_fitted_prefix(conditioning)}_t{tile}_r(\d+)\.safetensors$")
     names = os.listdir(_data_dir()) if os.path.isdir(_data_dir()) else []
     return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
 
 
-def fitted(tile: int = 4, rank: int = 24) -> STLBasis:
+def fitted(tile: int = 4, rank: int = 24, conditioning: str | None = None) -> STLBasis:
     """A shipped basis fitted to Gaussian tiles (``stl_compiler/data``; see docs/quality.md).
 
     Its ``alpha`` is the mean squared error per output entry for Gaussian X, W tiles.
+
+    Args:
+        tile, rank: tile side and tensor rank of a shipped basis (:func:`fitted_ranks`).
+        conditioning: None (default): the minimum-α basis, for float32 deployment (its
+            cancelling product terms amplify bf16 rounding: a bf16 layer drifts 5-42× as much
+            from its float32 output as a dense layer does). ``"bf16"``: the bf16-conditioned
+            basis of the rank (``STLConfig(basis="fitted-bf16")``), for bf16 or fp16
+            deployment: the smallest-α basis found whose one-layer bf16 drift is at most 3×
+            a dense layer's (CPU float64 emulation of bf16; coefficients are bf16 numbers).
+            It costs α: +4% at rank 16, +9% at 24, +42% at 40 (per rank in
+            ``stl_compiler/data/fitted_bases.json`` → ``bf16`` and docs/quality.md, "bf16-safe
+            bases"); made by ``tools/fit_bf16_bases.py``. Its file's metadata records the α of
+            the minimum-α basis (``alpha_min_alpha``), the measured ``drift_ratio`` and how
+            it was fitted.
     """
     _check_tile_rank(tile, rank)
-    path = os.path.join(_data_dir(), f"fitted_t{tile}_r{rank}.safetensors")
+    prefix = _fitted_prefix(conditioning)
+    path = os.path.join(_data_dir(), f"{prefix}_t{tile}_r{rank}.safetensors")
+    if not os.path.exists(path) and conditioning is not None:
+        raise ValueError(f"no {conditioning}-conditioned fitted basis ships for tile={tile}, "
+                         f"rank={rank}; shipped ranks for tile {tile}: "
+                         f"{fitted_ranks(tile, conditioning) or 'none'}. Make one with "
+                         f"tools/fit_bf16_bases.py, or fit with a larger penalty "
+                         f"(`stl-compiler fit-basis --tile {tile} --rank {rank} --ridge 0.01 "
+                         f"--out FILE`) and pass bases.load(FILE)")
     if not os.path.exists(path):
         # fit-basis's default init prunes Strassen's basis: a power-of-two tile, rank <= its
         pow2 = tile & (tile - 1) == 0

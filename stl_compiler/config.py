@@ -48,14 +48,19 @@ class STLConfig:
             :class:`STLBasis`; a rank given together with a basis object must equal its rank.
             At most t³ (the exact naive basis): more terms cost more than the dense product.
         basis: an :class:`STLBasis` or a name: "fitted" (shipped bases fitted to Gaussian
-            tiles), "strassen" / "naive" (exact; their rank is fixed by the tile), "dps48"
-            (exact rank-48 scheme, tile 4: :func:`stl_compiler.bases.dps48`),
-            "strassen-pruned", "random". With ``row_grouping="batch"``, "fitted" resolves to
+            tiles, minimum α: for float32), "fitted-bf16" (the shipped bf16-conditioned
+            bases, :func:`stl_compiler.bases.fitted` with ``conditioning="bf16"``: for bf16 /
+            fp16 deployment; a bf16 layer drifts at most ~3× as much as a dense one instead
+            of 5-42×, for a larger α, e.g. +9% at rank 24), "strassen" / "naive" (exact;
+            their rank is fixed by the tile), "dps48" (exact rank-48 scheme, tile 4:
+            :func:`stl_compiler.bases.dps48`), "strassen-pruned", "random". With
+            ``row_grouping="batch"``, "fitted" and "fitted-bf16" resolve to
             :func:`stl_compiler.tiling.row_separable` of the rank, and any other basis must be
             row-separable (:func:`stl_compiler.tiling.is_row_separable`), else ValueError.
-            With ``row_grouping="causal"``, "fitted" resolves to the shipped causal basis of
-            the rank (:func:`stl_compiler.bases.causal`), else to the row-separable one, and
-            any other basis must be causal (:func:`stl_compiler.tiling.is_causal`).
+            With ``row_grouping="causal"``, "fitted" and "fitted-bf16" resolve to the shipped
+            causal basis of the rank (:func:`stl_compiler.bases.causal`; already within 2×
+            dense in bf16), else to the row-separable one, and any other basis must be causal
+            (:func:`stl_compiler.tiling.is_causal`).
         targets: which sites to convert: "linear" (parameter weights) and/or "matmul"
             (activation × activation, e.g. attention QKᵀ and AV); a string names one. None
             (default): both, except that a model which already holds ``STLLinear`` layers
@@ -300,10 +305,14 @@ def _basis_for_grouping(spec: STLBasis | str, tile: int, rank: int, seed: int,
     """The basis of ``spec`` for ``row_grouping``. ``"fitted"`` means: the shipped general
     fitted basis ("tokens"); the row-separable basis ("batch": the one kind of inexact basis
     that keeps rows apart); the shipped causal basis of the rank (``bases.causal``), else the
-    row-separable one ("causal"). Any other basis must be row-separable ("batch") or causal
-    ("causal"), else ValueError."""
+    row-separable one ("causal"). ``"fitted-bf16"`` is the shipped bf16-conditioned basis
+    ("tokens") and the same as ``"fitted"`` otherwise: the row-separable and causal bases
+    are already bf16-safe (amplification 1-1.14, docs/quality.md). Any other basis must be
+    row-separable ("batch") or causal ("causal"), else ValueError."""
     if row_grouping == "tokens":
         return bases.resolve(spec, tile, rank, seed)
+    if spec == "fitted-bf16":
+        spec = "fitted"
     if spec == "fitted" and row_grouping == "causal":
         if rank in bases.causal_ranks(tile):
             return bases.causal(tile, rank)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import STLConfig, stl_compile, swap_linears_
-from ._demo_digits import Digits, DigitsViT, load, loss_fn, train
+from .digits import Digits, DigitsViT, load, loss_fn, train
 from .fit import calibrate, distill
 
 RANK = 24

@@ -120,7 +120,7 @@ def is_causal(basis: _HasBasisRows, tol: float = 1e-6) -> bool:
     t = basis.tile
     reads, writes = (rows_touched(m.detach(), t, tol) for m in (basis.ex, basis.d))
     active = reads.any(1) & writes.any(1)
-    row = torch.arange(t)
+    row = torch.arange(t, device=reads.device)
     last_read = torch.where(reads, row, -1).amax(1)
     first_write = torch.where(writes, row, t).amin(1)
     return bool((last_read <= first_write)[active].all())
@@ -142,8 +142,9 @@ def _label(basis: STLBasis | _HasBasisRows) -> str:
 
 
 def rows_touched(matrix: torch.Tensor, tile: int, tol: float) -> torch.Tensor:
-    """``(rank, tile)`` bool: which tile rows each term's row-major vector has entries in."""
-    magnitude = matrix.double().abs()
+    """``(rank, tile)`` bool: which tile rows each term's row-major vector has entries in
+    (on the CPU: the basis is tiny, and this runs at conversion time, not per call)."""
+    magnitude = matrix.detach().to("cpu", torch.float64).abs()
     cutoff = tol * float(magnitude.max()) if magnitude.numel() else 0.0
     return (magnitude.reshape(-1, tile, tile) > cutoff).any(-1)
 

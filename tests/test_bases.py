@@ -428,3 +428,80 @@ def test_causal_missing_rank_raises_and_names_the_shipped_ranks():
     with pytest.raises(ValueError, match=r"no causal basis ships for tile=4, rank=7; shipped "
                                          r"causal ranks for tile 4: \[16, "):
         bases.causal(4, 7)
+
+
+# --- bf16-conditioned fitted bases (fitted(..., conditioning="bf16")) -----------------------
+
+BF16_SHIPPED = (16, 20, 24, 28, 32, 36, 39, 40, 41, 42, 44, 48)
+
+
+def _bf16_index() -> dict:
+    path = os.path.join(os.path.dirname(bases.__file__), "data", "fitted_bases.json")
+    with open(path) as handle:
+        return json.load(handle)["bf16"]
+
+
+def test_a_bf16_basis_ships_beside_every_fitted_basis():
+    assert bases.fitted_ranks(4, conditioning="bf16") == bases.fitted_ranks(4)
+    assert set(BF16_SHIPPED) == set(bases.fitted_ranks(4, "bf16"))
+    assert set(bases.fitted_ranks(4, "bf16")) == {int(r) for r in _bf16_index()["bases"]}
+
+
+@pytest.mark.parametrize("rank", BF16_SHIPPED)
+def test_shipped_bf16_basis_has_its_recorded_alpha_and_provenance(rank):
+    from safetensors import safe_open
+
+    from stl_compiler.fit import basis_alpha
+    from stl_compiler.fit.conditioning import amplification, bf16_round
+
+    basis = bases.fitted(4, rank, conditioning="bf16")
+    assert (basis.tile, basis.rank, basis.name) == (4, rank, f"fitted4x{rank}-bf16")
+    # alpha recomputed in float64 equals the recorded one (file and index)
+    assert basis_alpha(basis) == pytest.approx(basis.alpha, rel=1e-6)
+    entry = _bf16_index()["bases"][str(rank)]
+    assert entry["alpha"] == pytest.approx(basis.alpha, rel=1e-12)
+    # the runtime coefficients are bf16 numbers: casting them to bf16 adds no error
+    assert all(torch.equal(bf16_round(m), m) for m in basis.matrices)
+    # provenance in the file's metadata
+    path = os.path.join(os.path.dirname(bases.__file__), "data", entry["file"])
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["conditioning"] == "bf16" and meta["tool"] == "tools/fit_bf16_bases.py"
+    assert meta["command"].startswith(".venv/bin/python tools/fit_bf16_bases.py")
+    assert meta["date"] and json.loads(meta["settings"])["target_ratio"] == 3.0
+    assert meta["recipe"] == entry["recipe"]
+    assert "fit_basis(4, " in meta["recipe"] or "dps48" in meta["recipe"]
+    minimum = bases.fitted(4, rank)
+    assert json.loads(meta["alpha_min_alpha"]) == pytest.approx(minimum.alpha, rel=1e-12)
+    assert json.loads(meta["amplification"]) == pytest.approx(amplification(basis), rel=1e-9)
+    # bf16 safety is paid in alpha: never below the minimum-alpha basis
+    assert basis.alpha >= minimum.alpha * (1 - 1e-9)
+
+
+def test_shipped_bf16_bases_drift_at_most_3x_dense_on_fresh_inputs():
+    """One bf16 layer (CPU float64 emulation: x, W, coefficients, planes and output rounded)
+    drifts from its float64 output at most 3x as much as a dense layer, with a margin; the
+    minimum-alpha basis of the same rank does not (a few seconds for all ranks)."""
+    from stl_compiler.fit.conditioning import bf16_drift, dense_bf16_drift
+
+    x = torch.randn(1024, 256, dtype=torch.float64)  # fresh inputs, not the tool's problem
+    w = torch.randn(256, 256, dtype=torch.float64) / 16
+    dense = dense_bf16_drift(x, w)
+    for rank in BF16_SHIPPED:
+        ratio = bf16_drift(bases.fitted(4, rank, conditioning="bf16"), x, w) / dense
+        assert ratio <= 3.0, (rank, ratio)
+        assert ratio == pytest.approx(_bf16_index()["bases"][str(rank)]["drift_ratio"], rel=0.05)
+        assert bf16_drift(bases.fitted(4, rank), x, w) / dense > 3.5, rank
+
+
+def test_fitted_bf16_errors_and_resolve():
+    with pytest.raises(ValueError, match=r"conditioning must be one of \(None, 'bf16'\)"):
+        bases.fitted(4, 24, conditioning="fp8")
+    with pytest.raises(ValueError, match=r"no bf16-conditioned fitted basis ships for tile=4, "
+                                         r"rank=7; shipped ranks for tile 4: \[16, "):
+        bases.fitted(4, 7, conditioning="bf16")
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        bases.fitted_ranks(4, "fp8")
+    resolved = bases.resolve("fitted-bf16", 4, 24)
+    assert all(torch.equal(a, b) for a, b in
+               zip(resolved.matrices, bases.fitted(4, 24, conditioning="bf16").matrices))

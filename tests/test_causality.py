@@ -25,7 +25,7 @@ from stl_compiler.passes.detect_causal import (
     resolve_config,
     site_causality,
 )
-from stl_compiler.tiling import row_separable
+from stl_compiler.tiling import is_causal, is_row_separable, row_separable
 
 pytest.importorskip("transformers")
 
@@ -286,3 +286,15 @@ def test_swap_linears_allow_non_causal_warns_and_exact_bases_pass():
     mlp = CASES["mlp"].build()
     swap_linears_(mlp, STLConfig(**CONVERT_ALL))
     assert {m.row_grouping for m in mlp.modules() if isinstance(m, STLLinear)} == {"tokens"}
+
+
+def test_basis_verdicts_do_not_depend_on_the_default_device():
+    # swap_linears_ judges layers that live on the GPU; the verdict helpers once built an index
+    # tensor on the default device and failed there ("found at least two devices"). A default
+    # device other than the basis's reproduces that on a CPU-only machine.
+    layer = STLLinear.from_linear(nn.Linear(16, 8), bases.causal(4, 24), row_grouping="causal")
+    causal, shared, separable = bases.causal(4, 24), bases.strassen(4), row_separable(4, 24)
+    with torch.device("meta"):
+        assert is_causal(causal) and layer.keeps_causality
+        assert not is_causal(shared)
+        assert is_row_separable(separable)

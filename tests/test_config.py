@@ -5,6 +5,7 @@ The default basis "fitted" needs shipped data files, so every test names a basis
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -246,3 +247,38 @@ def test_causal_grouping_refuses_a_basis_that_is_not_causal():
         STLConfig(basis=bases.fitted(4, 24), row_grouping="causal").site_spec("x")
     with pytest.raises(ValueError, match="row_grouping='causal' needs a basis"):
         STLConfig(basis="strassen-pruned", rank=24, row_grouping="causal").site_spec("x")
+
+
+# --- basis="fitted-bf16" ---------------------------------------------------------------------
+
+def test_fitted_bf16_selects_the_shipped_bf16_basis_and_converts_like_the_object():
+    from torch import nn
+
+    from stl_compiler import swap_linears_
+
+    shipped = bases.fitted(4, 24, conditioning="bf16")
+    basis = STLConfig(basis="fitted-bf16", rank=24).site_spec("x").basis
+    assert basis.name == shipped.name == "fitted4x24-bf16"
+    assert all(torch.equal(a, b) for a, b in zip(basis.matrices, shipped.matrices))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32))
+    by_name, by_object = (copy.deepcopy(model) for _ in range(2))
+    common = {"min_dim": 1, "max_cost_ratio": None, "row_grouping": "tokens"}
+    swap_linears_(by_name, STLConfig(basis="fitted-bf16", rank=24, **common))
+    swap_linears_(by_object, STLConfig(basis=shipped, **common))
+    x = torch.randn(3, 8, 32)
+    with torch.no_grad():
+        assert torch.equal(by_name(x), by_object(x))
+        assert not torch.equal(by_name(x), model(x))
+    # the name survives to_dict / from_dict
+    config = STLConfig(basis="fitted-bf16", rank=40)
+    assert STLConfig.from_dict(json.loads(json.dumps(config.to_dict()))).site_spec("x").basis \
+        is config.site_spec("x").basis
+
+
+def test_fitted_bf16_with_batch_or_causal_grouping_is_the_same_as_fitted():
+    for grouping in ("batch", "causal"):
+        bf16 = STLConfig(basis="fitted-bf16", rank=24, row_grouping=grouping).site_spec("x")
+        plain = STLConfig(basis="fitted", rank=24, row_grouping=grouping).site_spec("x")
+        assert bf16.basis.name == plain.basis.name
+        assert all(torch.equal(a, b) for a, b in zip(bf16.basis.matrices, plain.basis.matrices))

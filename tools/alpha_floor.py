@@ -27,7 +27,7 @@ import torch
 from stl_compiler import bases
 from stl_compiler.bases import tile_product_tensor
 from stl_compiler.fit import fit_basis, two_four_alpha
-from stl_compiler.fit.fitting import _als
+from stl_compiler.fit.fitting import als
 
 INDEX = os.path.join(os.path.dirname(__file__), os.pardir, "stl_compiler", "data",
                      "fitted_bases.json")
@@ -43,8 +43,8 @@ def beam_deflate(rank: int, beam: int, ridge: float, exact: bases.STLBasis) -> f
     states = [[exact.ex, exact.ew, exact.d]]
     while states[0][0].shape[0] > rank:
         size = states[0][0].shape[0]
-        trials = [_als(target, [m[[i for i in range(size) if i != p]] for m in state], 30,
-                       schedule, lambda _: None) for state in states for p in range(size)]
+        trials = [als(target, [m[[i for i in range(size) if i != p]] for m in state], 30,
+                      schedule) for state in states for p in range(size)]
         trials.sort(key=lambda trial: trial[1])
         kept: dict[float, list[torch.Tensor]] = {}
         for mats, err in trials:  # symmetric drops refit to the same residual: keep one
@@ -52,7 +52,7 @@ def beam_deflate(rank: int, beam: int, ridge: float, exact: bases.STLBasis) -> f
             if len(kept) == beam:
                 break
         states = list(kept.values())
-    return min(_als(target, state, 1500, schedule, lambda _: None)[1] for state in states)
+    return min(als(target, state, 1500, schedule)[1] for state in states)
 
 
 def main() -> None:

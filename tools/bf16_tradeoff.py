@@ -32,7 +32,9 @@ fp32); float64 accumulation), the same for a dense layer (x only, W only, output
 and the torch CPU bf16 drift of ``STLLinear.from_linear`` vs ``nn.Linear`` exactly as
 ``tools/bf16_layer_error.py`` measures it (Linear(256, 256), (4096, 256) input). "÷ dense" is
 the drift over the dense drift of the same measurement ("all" for the emulation); the issue's
-target is ≤ 3. The bases are fitted with ``--steps`` ALS sweeps (500, as the shipped ones).
+target is ≤ 3. The shared pieces (amplification, the "all" emulation, the dense drift) live in
+``stl_compiler.fit.conditioning``; ``tools/fit_bf16_bases.py`` uses them to pick the shipped
+bf16-safe bases. The bases are fitted with ``--steps`` ALS sweeps (500, as the shipped ones).
 With the defaults it took 16 min wall-clock on a loaded 2-core machine (8 of them deflating).
 """
 
@@ -53,28 +55,21 @@ from torch import nn
 from stl_compiler import STLLinear, bases
 from stl_compiler.bases import STLBasis
 from stl_compiler.fit import basis_alpha, fit_basis
+from stl_compiler.fit.conditioning import (
+    amplification,
+    dense_bf16_drift,
+    gaussian_layer,
+    stl_layer,
+    term_norms,
+)
+from stl_compiler.fit.conditioning import bf16_round as bf
+from stl_compiler.fit.conditioning import relative_error as rel
+from stl_compiler.fit.conditioning import tile_vectors as tiles
 from stl_compiler.tiling import row_separable
 
 TARGET = 3.0
 POINTS = ("act", "weight", "product", "all")
 INDEX = os.path.join(os.path.dirname(bases.__file__), "data", "fitted_bases.json")
-
-
-def bf(a: torch.Tensor) -> torch.Tensor:
-    """Round to bfloat16 and back to float64."""
-    return a.to(torch.bfloat16).to(torch.float64)
-
-
-def term_norms(basis: STLBasis) -> torch.Tensor:
-    """``c_p = ‖ex[p]‖·‖ew[p]‖·‖d[p]‖``, shape (rank,)."""
-    return torch.stack([m.norm(dim=1) for m in basis.matrices]).prod(dim=0)
-
-
-def amplification(basis: STLBasis) -> float:
-    """Predicted amplification ``sqrt(Σ_p c_p² / ‖T_r‖²)`` of a relative rounding error at
-    one point (Xh, Wh or Yh) over the same error in a dense layer; ``T_r`` is the basis's
-    tensor (its norm sets the norm of the STL output). 1 for naive and row-separable bases."""
-    return float(term_norms(basis).square().sum() / basis.tensor().square().sum()) ** 0.5
 
 
 def rescaled(basis: STLBasis, how: str) -> STLBasis:
@@ -93,27 +88,17 @@ def rescaled(basis: STLBasis, how: str) -> STLBasis:
                     alpha=basis.alpha)
 
 
-def tiles(a: torch.Tensor, t: int) -> torch.Tensor:
-    """(R, C) -> (R/t, C/t, t*t), row-major tile vectors."""
-    rows, cols = a.shape
-    return a.reshape(rows // t, t, cols // t, t).permute(0, 2, 1, 3).reshape(
-        rows // t, cols // t, t * t)
-
-
 class Emulation:
     """One float64 layer problem; drifts of a basis with bf16 rounding at chosen points."""
 
     def __init__(self, n: int, k: int, m: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, k, generator=gen, dtype=torch.float64)
-        self.w = torch.randn(k, m, generator=gen, dtype=torch.float64) / math.sqrt(k)
+        self.x, self.w = gaussian_layer(n, k, m, seed)
 
     def dense(self) -> dict[str, float]:
-        y = self.x @ self.w
+        y, full = self.x @ self.w, dense_bf16_drift(self.x, self.w)
         return {"act": rel(bf(self.x) @ self.w, y), "weight": rel(self.x @ bf(self.w), y),
-                "product": rel(bf(y), y), "three": rel(bf(bf(self.x) @ bf(self.w)), y),
-                "coef": 0.0, "all": rel(bf(bf(self.x) @ bf(self.w)), y),
-                "all_fp32_coef": rel(bf(bf(self.x) @ bf(self.w)), y)}
+                "product": rel(bf(y), y), "three": full, "coef": 0.0, "all": full,
+                "all_fp32_coef": full}
 
     def stl(self, basis: STLBasis) -> dict[str, float]:
         t = basis.tile
@@ -137,18 +122,11 @@ class Emulation:
         out["three"] = rel(run(bf(xh), bf(wh), d, True)[1], y)
         # the weight is encoded offline in float64 (STLLinear.load_basis), then rounded: ew is
         # never rounded; ex and d are the runtime coefficients (bf16 in a bf16 module)
-        bx, bd = bf(ex), bf(d)
-        out["coef"] = rel(run(torch.einsum("ikq,pq->pik", xt, bx), wh, bd, False)[1], y)
-        xb = tiles(bf(self.x), t)
-        wh_b = bf(torch.einsum("kjq,pq->pkj", tiles(bf(self.w), t), ew))
-        for key, (cx, cd) in (("all", (bx, bd)), ("all_fp32_coef", (ex, d))):
-            xh_b = bf(torch.einsum("ikq,pq->pik", xb, cx))
-            out[key] = rel(bf(run(xh_b, wh_b, cd, True)[1]), y)
+        out["coef"] = rel(run(torch.einsum("ikq,pq->pik", xt, bf(ex)), wh, bf(d), False)[1], y)
+        for key, fp32_coefficients in (("all", False), ("all_fp32_coef", True)):
+            out[key] = rel(stl_layer(basis, self.x, self.w, bf16=True,
+                                     fp32_coefficients=fp32_coefficients), y)
         return out
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 class TorchCPU:

@@ -36,13 +36,7 @@ from char_lm import (  # noqa: E402
 from char_lm import perplexity as char_perplexity  # noqa: E402
 
 from stl_compiler.fit import calibrate, distill, row_separable_basis  # noqa: E402
-from stl_compiler.fit._progress import Progress  # noqa: E402
-from stl_compiler.fit.calibrate import (  # noqa: E402
-    _calibrate_layer,
-    _capture,
-    _forward_order,
-    _LayerData,
-)
+from stl_compiler.fit.calibrate import calibrate_layer  # noqa: E402
 from stl_compiler.nn import STLLinear  # noqa: E402
 
 VARIANTS = """variant keys (default in brackets):
@@ -120,16 +114,31 @@ def _capture_in(model, name, batches_):
     return ins
 
 
+def _forward_order(model, batch):
+    """The STL layers' names in the order ``batch`` first calls them (unused ones last)."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, STLLinear)}
+    order: dict[str, None] = {}  # insertion-ordered set
+
+    def called(module, _args):
+        order.setdefault(names[module], None)
+
+    hooks = [m.register_forward_pre_hook(called) for m in names]
+    with torch.no_grad():
+        model(batch)
+    for hook in hooks:
+        hook.remove()
+    return [*order, *(n for n in names.values() if n not in order)]
+
+
 def calibrate_to_teacher(student, teacher, batches_, steps, residual: bool):
     """Sequential error-correcting calibration: layer ``name`` of the student, on its own
     inputs, is fitted to the *teacher's* output of that layer on the teacher's inputs.
     ``residual``: for proj / fc2 (which add into the residual stream), the target also
     corrects the residual-stream error accumulated so far:
     teacher_out + (teacher_stream - student_stream)."""
-    layers = [(n, m) for n, m in student.named_modules() if isinstance(m, STLLinear)]
     rows = []
-    for name, layer in _forward_order(student, layers, batches_):
-        inputs = _capture(student, layer, batches_)
+    for name in _forward_order(student, batches_[0]):
+        inputs = _capture_in(student, name, batches_)
         targets = _capture_out(teacher, name, batches_)
         if residual and name.endswith((".proj", ".fc2")):
             block = name.rsplit(".", 1)[0]
@@ -140,10 +149,8 @@ def calibrate_to_teacher(student, teacher, batches_, steps, residual: bool):
                 s_in = [a + b for a, b in zip(s_in, _capture_out(student, proj, batches_))]
                 t_in = [a + b for a, b in zip(t_in, _capture_out(teacher, proj, batches_))]
             targets = [y + ti - si for y, ti, si in zip(targets, t_in, s_in)]
-        ref = teacher.get_submodule(name)
-        data = _LayerData(layer, inputs, ref.weight, ref.bias, targets=targets)
-        bar = Progress(max(steps, 1), f"calibrate {name}", False)
-        before, after = _calibrate_layer(name, layer, data, steps, bar)
+        before, after = calibrate_layer(student.get_submodule(name), inputs, targets, steps,
+                                        name=name)
         rows.append({"layer": name, "error_before": before, "error_after": after})
     return rows
 

@@ -46,8 +46,9 @@ from . import distributed as dist_
 from ._progress import Progress
 from .fitting import pivot_masks
 
-__all__ = ["calibrate", "CalibrationTable", "row_separable_basis", "support_masks",
-           "row_support", "run_batch", "check_not_compiled", "BASES", "TARGETS"]
+__all__ = ["calibrate", "calibrate_layer", "CalibrationTable", "row_separable_basis",
+           "support_masks", "row_support", "run_batch", "check_not_compiled", "BASES",
+           "TARGETS"]
 
 BASES = ("converted", "row_separable")
 TARGETS = ("layer", "teacher")
@@ -135,18 +136,20 @@ def _reference(name: str, layer: STLLinear, teacher: nn.Module | None
     return ref, None if layer.bias is None else layer.bias.detach()
 
 
+def _dense_targets(inputs: list[Tensor], weight: Tensor, bias: Tensor | None) -> list[Tensor]:
+    """The dense layer on the student's inputs, in float64 (``target="layer"``)."""
+    return [torch.nn.functional.linear(x.double(), weight.double(),
+                                       None if bias is None else bias.double())
+            for x in inputs]
+
+
 class _LayerData:
     """Calibration inputs of one layer, arranged in row tiles exactly as its forward does."""
 
-    def __init__(self, layer: STLLinear, inputs: list[Tensor], weight: Tensor,
-                 bias: Tensor | None, targets: list[Tensor] | None = None) -> None:
+    def __init__(self, layer: STLLinear, inputs: list[Tensor], targets: list[Tensor]) -> None:
         t = layer.tile
         kp, mp = round_up(layer.in_features, t), round_up(layer.out_features, t)
         self.inputs = inputs
-        if targets is None:  # the dense layer on the student's inputs
-            targets = [torch.nn.functional.linear(x.double(), weight.double(),
-                                                  None if bias is None else bias.double())
-                       for x in inputs]
         self.targets = [y.double() for y in targets]
         xt, yt, valid = [], [], []
         own_bias = 0.0 if layer.bias is None else layer.bias.detach().double()
@@ -334,9 +337,35 @@ def row_separable_basis(tile: int, rank: int, generator: torch.Generator | None 
     return ex, d
 
 
-def _calibrate_layer(name: str, layer: STLLinear, data: _LayerData, steps: int,
-                     bar: Progress, restart: tuple[Tensor, Tensor] | None = None
-                     ) -> tuple[float, float]:
+def calibrate_layer(layer: STLLinear, inputs: list[Tensor], targets: list[Tensor],
+                    steps: int = 4, *, name: str = "layer",
+                    restart: tuple[Tensor, Tensor] | None = None, progress: bool = False
+                    ) -> tuple[float, float]:
+    """Fit one STL layer, in place, so that ``layer(inputs[i])`` approaches ``targets[i]``:
+    the per-layer step of :func:`calibrate` (closed-form encoded weight, then ``steps``
+    rounds of decoder / encoder refinement; the best iterate is kept, so the error never
+    grows). Returns the relative output error ``‖y − target‖ / ‖target‖`` before and after.
+
+    :func:`calibrate` is the way to calibrate a model (it captures each layer's inputs and
+    targets in forward order); this step is public for experiments that choose each layer's
+    targets themselves (tools/char_lm_experiments.py fits a layer to the teacher's output
+    plus the residual-stream error accumulated before it).
+
+    Args:
+        layer: the layer (its ``row_grouping`` promise is kept, as in :func:`calibrate`).
+        inputs: the layer's inputs, one tensor per batch.
+        targets: the output wanted for each input (same shapes as ``layer``'s outputs).
+        steps: refinement rounds (0: only the closed-form encoded weight).
+        name: the layer's name, for the progress bar and warnings.
+        restart: ``(ex, d)`` to restart from (e.g. :func:`row_separable_basis`); the layer as
+            it is stays the best candidate until an iterate beats it.
+        progress: show a progress bar on stderr.
+
+    In a torch.distributed job every rank calls it with its own inputs and targets: the sums
+    are all-reduced, so every rank computes the same fit.
+    """
+    data = _LayerData(layer, inputs, targets)
+    bar = Progress(max(steps, 1), f"calibrate {name}", progress)
     before = _rel_error(layer, data)
     t = layer.tile
     params = (layer.weight_encoded, layer.ex, layer.d)
@@ -377,6 +406,7 @@ def _calibrate_layer(name: str, layer: STLLinear, data: _LayerData, steps: int,
             for p, v in zip(params, best[1]):
                 p.copy_(v)
             err = best[0]
+    bar.close()
     if diverged or not math.isfinite(err):
         warnings.warn(f"calibrate: layer {name!r}: a least-squares solve gave NaN or Inf; kept "
                       f"its best finite parameters (relative error {err:.4g}). Check the "
@@ -505,10 +535,10 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
             restart = None
             if basis == "row_separable":
                 restart = row_separable_basis(layer.tile, layer.rank, generator)
-            data = _LayerData(layer, inputs, *refs[name], targets=targets)
-            bar = Progress(max(steps, 1), f"calibrate {name}", progress and main)
-            before, after = _calibrate_layer(name, layer, data, steps, bar, restart)
-            bar.close()
+            if targets is None:
+                targets = _dense_targets(inputs, *refs[name])
+            before, after = calibrate_layer(layer, inputs, targets, steps, name=name,
+                                            restart=restart, progress=progress and main)
             rows.append({"layer": name, "rank": layer.rank, "error_before": before,
                          "error_after": after})
     finally:

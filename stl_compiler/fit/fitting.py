@@ -24,7 +24,7 @@ from ..bases import STLBasis, tile_product_tensor
 from ._progress import Progress
 from .alpha import Samples, TileMoments, _resolve_data, whitening
 
-__all__ = ["fit_basis", "balance", "pivot_masks", "basis_pivots", "INITS", "METHODS",
+__all__ = ["fit_basis", "balance", "pivot_masks", "basis_pivots", "als", "INITS", "METHODS",
            "SUPPORTS"]
 
 INITS = ("strassen-pruned", "random", "deflate", "deflate-dps48")
@@ -77,16 +77,22 @@ def _mask_solver(mask: torch.Tensor, factor: torch.Tensor | None
     return solve_kron
 
 
-def _als(target: torch.Tensor, mats: Mats, steps: int, ridge: tuple[float, float],
-         tick: Callable[[float], None], solvers: Solvers = (None, None, None)
-         ) -> tuple[Mats, float]:
-    """``steps`` ALS sweeps; returns the iterate with the best residual.
+def als(target: torch.Tensor, mats: Mats, steps: int, ridge: tuple[float, float],
+        tick: Callable[[float], None] | None = None, solvers: Solvers = (None, None, None)
+        ) -> tuple[Mats, float]:
+    """``steps`` ALS sweeps from ``mats`` = ``[ex, ew, d]`` (each ``(r, t²)``, in the
+    coordinates of ``target``, a ``(t², t², t²)`` tensor); returns the iterate with the best
+    residual ``‖target − T_r‖²`` and that residual. The inputs are not changed.
+
+    :func:`fit_basis` is the way to fit a basis; this step is public for searches that drive
+    ALS themselves (tools/alpha_floor.py's beam search over deflation paths).
 
     Each sweep minimizes ``‖target − T_r‖² + λ Σ_p c_p²`` over one factor, where
     ``c_p = ‖ex[p]‖·‖ew[p]‖·‖d[p]‖``: for the factor being solved this is a ridge weighted by
     the diagonal of its Gram matrix. λ decays geometrically from ``ridge[0]`` to ``ridge[1]``.
     ``solvers[k]`` (or None: a plain solve): the least squares of factor k under a zero
-    pattern (:func:`_mask_solver`); the entries outside it stay exactly 0.
+    pattern (:func:`_mask_solver`); the entries outside it stay exactly 0. ``tick`` (if
+    given) gets the best residual after each sweep.
     """
     mats = [m.clone() for m in mats]
     best, best_err = [m.clone() for m in mats], _residual(target, mats)
@@ -102,7 +108,8 @@ def _als(target: torch.Tensor, mats: Mats, steps: int, ridge: tuple[float, float
         err = _residual(target, mats)
         if err < best_err:
             best, best_err = [m.clone() for m in mats], err
-        tick(best_err)
+        if tick is not None:
+            tick(best_err)
     return best, best_err
 
 
@@ -182,8 +189,7 @@ def _deflate(target: torch.Tensor, mats: Mats, rank: int, sweeps: int,
         trials = []
         for p in range(r):
             keep = [i for i in range(r) if i != p]
-            trials.append(_als(target, [m[keep] for m in mats], sweeps, ridge,
-                               lambda _: None))
+            trials.append(als(target, [m[keep] for m in mats], sweeps, ridge))
         mats = min(trials, key=lambda trial: trial[1])[0]
         tick(min(trial[1] for trial in trials))
     return mats
@@ -283,8 +289,8 @@ def _fit_supported(target: torch.Tensor, lx: torch.Tensor, lw: torch.Tensor, til
     best: tuple[Mats, float] = ([], math.inf)
     for run, start in enumerate(starts):
         mats = [(start.ex * ex_mask) @ lx, start.ew @ lw, start.d * d_mask]
-        fitted = _als(target, mats, steps, ridge, lambda err, run=run: tick(run, err),
-                      solvers)
+        fitted = als(target, mats, steps, ridge, lambda err, run=run: tick(run, err),
+                     solvers)
         if fitted[1] < best[1] or not best[0]:
             best = fitted
     return best
@@ -540,7 +546,7 @@ def _fit_free(target: torch.Tensor, lx: torch.Tensor, lw: torch.Tensor, tile: in
         if deflate:
             mats = _deflate(target, mats, rank, 30, schedule, tick)
         if method == "als":
-            fitted = _als(target, mats, steps, schedule, tick)
+            fitted = als(target, mats, steps, schedule, tick)
         else:
             fitted = _sgd(target, mats, steps, lr, tick)
         if fitted[1] < best[1] or not best[0]:

@@ -24,7 +24,8 @@ from .decompose_sdpa import decompose_sdpa
 from .detect_causal import check_causal, detect_causal
 from .fuse_decode_encode import fuse_decode_encode
 from .fuse_gemm_decode import fuse_gemm_decode
-from .fuse_row_strip import fuse_row_strip
+from .fuse_norm_strip import fuse_norm_strip
+from .fuse_softmax_strip import fuse_softmax_strip
 from .lower_sites import lower_sites
 from .record_site_io import record_site_io
 from .report_boundaries import report_boundaries
@@ -48,7 +49,8 @@ LOWERING: list[Pass] = [lower_sites]
 #: Phase 3, on the lowered graph: decode → encode boundaries become fused ops.
 FUSIONS: list[Pass] = [
     canonicalize_pointwise,
-    fuse_row_strip,
+    fuse_norm_strip,
+    fuse_softmax_strip,
     fuse_decode_encode,
     fuse_gemm_decode,
 ]

@@ -1,5 +1,6 @@
-"""Matching helpers shared by the decode → encode fusions (:mod:`.fuse_decode_encode`,
-:mod:`.fuse_row_strip`) and the boundary report (:mod:`.report_boundaries`).
+"""Matching helpers shared by the decode → encode fusions (:mod:`.fuse_norm_strip`,
+:mod:`.fuse_softmax_strip`, :mod:`.fuse_decode_encode`) and the boundary report
+(:mod:`.report_boundaries`).
 
 A *branch* is one decoded value as the fusions read it: ``act(decode(encoded, d) + bias)``
 with aliases / eval-mode dropout in between. :func:`stacked_encoder` and :func:`hand_over`

@@ -1,16 +1,19 @@
-"""Row-strip fusion: decode → residual add → LayerNorm/RMSNorm → encode(s) becomes one
-``stl::decode_norm_encode``; fused and unfused graphs agree, the right tensor is kept, gradients
-match, and what cannot be fused is reported with its reason."""
+"""fuse_norm_strip: decode → residual add → LayerNorm/RMSNorm (aten or spelled out) →
+encode(s) becomes one ``stl::decode_norm_encode``; fused and unfused graphs agree, the right
+tensor is kept, gradients match, and what cannot be fused is reported with its reason."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from pass_helpers import captured, count, run
 from stl_helpers import assert_gradients_match, rel_err, tiny_config
 from torch import nn
 
 from stl_compiler import stl_compile
+from stl_compiler.passes import LOWERING, REWRITES
+from stl_compiler.passes.fuse_norm_strip import fuse_norm_strip
 
 stl = torch.ops.stl
 
@@ -206,82 +209,69 @@ def test_token_mixing_between_norm_and_encode_is_not_fused():
     _agree(plain, fused, [(8, 8, 32)])
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention written out (QKᵀ, softmax, AV as explicit matmuls) or through
-    scaled_dot_product_attention (decomposed by the compiler)."""
+def test_the_pass_alone_fuses_the_norms_of_a_lowered_graph():
+    model, x = PreNorm("rms").eval(), torch.randn(2, 8, 32)
+    gm, ctx = captured(model, x, config=tiny_config(basis="strassen"))
+    gm = run(gm, ctx, *REWRITES, *LOWERING, fuse_norm_strip)
+    assert count(gm, stl.decode_norm_encode.default) == 2
+    assert [b.reason for b in ctx.report.boundaries] == [
+        "bias+residual+rms_norm+keeps sum", "bias+residual+rms_norm+keeps none"]
+    with torch.no_grad():  # the exact basis: the model's own output
+        assert rel_err(gm(x), model(x)) < 1e-4
 
-    def __init__(self, dim=32, heads=2, sdpa=False, causal=False):
+
+EPS = 1e-6
+
+
+def _llama_rms(h, w):
+    """transformers' LlamaRMSNorm: statistics in a wider dtype, cast back, weight on the left
+    (float64 here, so the casts exist in a float32 model)."""
+    wide = h.double()
+    return w * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + EPS)).to(h.dtype)
+
+
+#: RMSNorms written out as models write them: name -> (norm(h, weight), fused?)
+SPELLINGS = {
+    "llama_casts": (_llama_rms, True),
+    "rsqrt_first_weight_right": (
+        lambda h, w: (torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * h) * w, True),
+    "positive_last_dim": (
+        lambda h, w: h * torch.rsqrt(h.pow(2).mean(2, keepdim=True) + EPS) * w, True),
+    "no_weight": (lambda h, w: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS), True),
+    # not recognized (reported unfused): the square as a product, the mean without keepdim
+    "square_as_product": (
+        lambda h, w: h * torch.rsqrt((h * h).mean(-1, keepdim=True) + EPS) * w, False),
+    "no_keepdim": (
+        lambda h, w: h * torch.rsqrt(h.pow(2).mean(-1) + EPS)[..., None] * w, False),
+}
+
+
+class SpelledRMS(nn.Module):
+    """x + a(x) → an RMSNorm written out → b."""
+
+    def __init__(self, spelling):
         super().__init__()
-        self.heads, self.sdpa, self.causal = heads, sdpa, causal
-        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm = SPELLINGS[spelling][0]
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 16)
+        self.weight = nn.Parameter(torch.rand(32) + 0.5)
 
-    def forward(self, x, mask=None):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        if self.sdpa:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
-        else:
-            scores = q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5
-            if mask is not None:
-                scores = scores + mask
-            o = scores.softmax(-1) @ v
-        return self.out(o.transpose(1, 2).reshape(b, n, c))
+    def forward(self, x):
+        return self.b(self.norm(x + self.a(x), self.weight))
 
 
-def _softmax_rows(gm):
-    return [(b.producer, b.reason) for b in gm.stl_report.boundaries
-            if "softmax" in b.reason]
-
-
-@pytest.mark.parametrize("basis", BASES, ids=["exact", "rank24"])
-@pytest.mark.parametrize("variant", ["explicit", "sdpa", "sdpa-causal", "explicit-mask"])
-def test_attention_softmax_is_fused(basis, variant):
-    model = Attention(sdpa=variant.startswith("sdpa"), causal=variant.endswith("causal")).eval()
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_spelled_out_rms_norms(spelling):
     x = torch.randn(2, 8, 32)
-    kwargs = {"mask": torch.randn(8, 8)} if variant == "explicit-mask" else {}
-    plain, fused = [stl_compile(model, (x,), tiny_config(fuse=fuse,
-                                                       decompose_sdpa=True, **basis),
-                                example_kwargs=kwargs, backend="eager", dynamic_shapes=None)
-                    for fuse in (False, True)]
-    assert _count(fused, stl.decode_softmax_encode) == 1
-    (row,) = _softmax_rows(fused)
-    expected = {"explicit": "scale 0.25+softmax", "sdpa": "scale 0.25+softmax",
-                "sdpa-causal": "scale 0.25+causal+softmax",
-                "explicit-mask": "scale 0.25+mask+softmax"}[variant]
-    assert row[1] == expected
-    with torch.no_grad():
-        assert rel_err(fused(x, **kwargs), plain(x, **kwargs)) < 1e-5
-        if basis["basis"] == "strassen":
-            assert rel_err(fused(x, **kwargs), model(x, **kwargs)) < 1e-4
-
-
-@pytest.mark.parametrize("seq", [8, 11])  # 11: padded query rows and key columns
-def test_causal_attention_dynamic_lengths_and_gradients(seq):
-    model = Attention(sdpa=True, causal=True)
-    x = torch.randn(2, seq, 32)
-    plain, fused = [stl_compile(model, (x,), tiny_config(fuse=fuse, decompose_sdpa=True,
-                                                       basis="random", rank=24),
-                                backend="eager") for fuse in (False, True)]
-    assert _count(fused, stl.decode_softmax_encode) == 1
-    fused.load_state_dict(plain.state_dict())
-    _agree(plain, fused, [(2, seq, 32), (3, 5, 32), (1, 13, 32)])
-    assert_gradients_match(plain, fused, x)
-
-
-def test_probabilities_read_elsewhere_are_not_fused():
-    class Returns(Attention):
-        def forward(self, x):
-            b, n, c = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, c).unbind(2)
-            probs = (q @ k.transpose(-2, -1)).softmax(-1)
-            return self.out(probs @ v), probs  # attention weights returned to the user
-
-    plain, fused = _pair(Returns().eval(), torch.randn(2, 8, 32), basis="random", rank=24)
-    assert _count(fused, stl.decode_softmax_encode) == 0
-    (row,) = [b for b in fused.stl_report.boundaries if "softmax" in b.reason
-              or "read elsewhere" in b.reason]
-    assert row.kind == "not fused"
-    assert row.reason == "row-strip: the scores or the probabilities are read elsewhere"
+    plain, fused = _pair(SpelledRMS(spelling).eval(), x, basis="random", rank=24)
+    (row,) = fused.stl_report.boundaries
+    if SPELLINGS[spelling][1]:
+        assert _count(fused, stl.decode_norm_encode) == 1
+        assert (row.producer, row.kind, row.reason) == (
+            "a", "row-strip", "bias+residual+rms_norm+keeps none")
+    else:
+        assert _count(fused, stl.decode_norm_encode) == 0
+        assert row.kind == "not fused" and "row-wise" in row.reason
+    _agree(plain, fused, [(2, 8, 32), (3, 5, 32)])
 
 
 def test_bf16_llama_rmsnorm_with_float32_casts_fuses_exactly():

@@ -1,9 +1,10 @@
 """The digits ViT of ``make demo`` and ``examples/digits_vit.py``: scikit-learn's 8×8 digits, a
 small vision transformer, its training loop and test accuracy.
 
-It lives in the package so that ``python -m stl_compiler.demo`` runs from an installed package;
-the examples import the same pieces (``examples/_common.py`` re-exports :class:`Block` and
-:func:`train`). Needs scikit-learn for the data (:func:`load`); nothing is downloaded.
+Public (not a private helper of the demo) so that ``python -m stl_compiler.demo`` runs from an
+installed package and the examples can rely on it: they import the same pieces
+(``examples/_common.py`` re-exports :class:`Block` and :func:`train`). Needs scikit-learn for
+the data (:func:`load`); nothing is downloaded.
 """
 
 from __future__ import annotations
