@@ -11,16 +11,19 @@ layers, 4 heads, vocab 1000), tokens (4, 64). Columns, each at rank 24 on every 
   what is measured here, not causality);
 - on the Llama also the default causal grouping (shipped causal basis).
 
-Paths: ``eager`` (``swap_linears_``; on CUDA the STL layers run the Triton kernels) and
+Paths: ``eager`` (``swap_linears_``; on CUDA the STL layers run the Triton kernels),
 ``inductor`` (``torch.compile`` for dense, ``stl_compile`` for STL, each compiled from the
-fp32 and from the bf16 model). Also reported: each STL column's fp32 distance to the dense
-fp32 model (its approximation error, for the α side of the trade-off).
+fp32 and from the bf16 model) and ``onnx-fp16`` (the swapped model exported with
+``export_onnx`` in float32 and in float16, both run by ONNX Runtime's CPU provider: fp16, the
+half format ONNX deployments use, against fp32). Also reported: each STL column's fp32
+distance to the dense fp32 model (its approximation error, for the α side of the trade-off).
 
 Usage (CUDA machine)::
 
     python benchmarks/bf16_drift.py [--out DIR]
 
-writes ``DIR/bf16_drift.json``; ``--smoke`` runs the eager path on the CPU.
+writes ``DIR/bf16_drift.json``; ``--smoke`` runs the eager path on the CPU;
+``--paths onnx-fp16`` needs onnx and onnxruntime, not a GPU.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -81,9 +85,32 @@ def configs(name: str) -> dict[str, stl.STLConfig | None]:
     return columns
 
 
+def onnx_outputs(model: nn.Module, config: stl.STLConfig | None, tokens: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
+    """The main output in fp32 and in fp16 of ``model`` (converted by ``config``) exported to
+    ONNX and run by ONNX Runtime on the CPU."""
+    from stl_compiler.exporters import export_onnx
+    from stl_compiler.runtime import ort_session
+
+    variant = copy.deepcopy(model).cpu()
+    if config is not None:
+        stl.swap_linears_(variant, config)
+    outputs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for dtype in (torch.float32, torch.float16):
+            path = export_onnx(variant, (tokens.cpu(),), f"{folder}/{dtype}.onnx",
+                                   dynamic_shapes=None, dtype=dtype)
+            outputs[str(dtype)] = ort_session(path, ["CPUExecutionProvider"]).run(
+                tokens.cpu())[0].float()
+    return outputs
+
+
 def run(model: nn.Module, config: stl.STLConfig | None, path: str, tokens: torch.Tensor
         ) -> dict[str, torch.Tensor]:
-    """The main output in fp32 and in bf16 of ``model`` converted by ``config``."""
+    """The main output in fp32 and in half precision (bf16; fp16 for ONNX) of ``model``
+    converted by ``config``, keyed by dtype name."""
+    if path == "onnx-fp16":
+        return onnx_outputs(model, config, tokens)
     outputs = {}
     for dtype in (torch.float32, torch.bfloat16):
         variant = copy.deepcopy(model).to(dtype)
@@ -103,12 +130,14 @@ def run(model: nn.Module, config: stl.STLConfig | None, path: str, tokens: torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", nargs="+", default=["eager", "inductor"],
-                        choices=("eager", "inductor"))
+                        choices=("eager", "inductor", "onnx-fp16"))
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="eager path on the CPU")
     args = parser.parse_args()
     device = device_or_exit(args.smoke, "bf16_drift")
-    paths = ["eager"] if args.smoke else args.paths
+    paths = ["eager"] if args.smoke and args.paths == parser.get_default("paths") else args.paths
+    if args.smoke and "inductor" in paths:
+        parser.error("--smoke runs on the CPU: --paths eager and/or onnx-fp16")
     env = environment(device)
     print_env(env)
     rows = []
@@ -122,18 +151,20 @@ def main() -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     out = run(model, config, path, tokens)
-                fp32, bf16 = out["torch.float32"], out["torch.bfloat16"]
+                fp32 = out.pop("torch.float32")
+                (half_dtype, half), = out.items()
                 dense32 = fp32 if config is None else dense32
-                row = {"model": name, "path": path, "column": column,
-                       "bf16_vs_fp32": relative(bf16, fp32),
+                row = {"model": name, "path": path, "column": column, "half": half_dtype,
+                       "half_vs_fp32": relative(half, fp32),
                        "fp32_vs_dense_fp32": relative(fp32, dense32)}
                 rows.append(row)
-                print(f"{name:6s} {path:8s} {column:22s} bf16 vs fp32 {row['bf16_vs_fp32']:.4f}"
-                      f"  fp32 vs dense fp32 {row['fp32_vs_dense_fp32']:.4f}", flush=True)
+                print(f"{name:6s} {path:9s} {column:22s} {half_dtype[6:]} vs fp32 "
+                      f"{row['half_vs_fp32']:.4f}  fp32 vs dense fp32 "
+                      f"{row['fp32_vs_dense_fp32']:.4f}", flush=True)
     for row in rows:
         dense = next(r for r in rows if r["model"] == row["model"] and r["path"] == row["path"]
                      and r["column"] == "dense")
-        row["drift_x_dense"] = row["bf16_vs_fp32"] / dense["bf16_vs_fp32"]
+        row["drift_x_dense"] = row["half_vs_fp32"] / dense["half_vs_fp32"]
     path = out_dir(args.out) / "bf16_drift.json"
     write_json(path, {"environment": env, "rank": RANK, "rows": rows})
     print(f"wrote {path}")

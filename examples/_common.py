@@ -4,10 +4,13 @@ loop, tables."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 
@@ -192,3 +195,53 @@ def report(title: str, metric: str, dense: float, results: dict, path: str, extr
         json.dump({"metric": metric, "dense": dense, "ranks": results, **extra}, handle,
                   indent=1)
     print(f"wrote {path}")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def commit() -> str:
+    """``git rev-parse --short HEAD`` (+dirty when the tree has changes), or $STL_COMMIT."""
+    if os.environ.get("STL_COMMIT"):
+        return os.environ["STL_COMMIT"]
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, text=True, capture_output=True,  # noqa: E731
+                                    timeout=20)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return "unknown (no git checkout)"
+        return head.stdout.strip() + ("+dirty" if git("status", "--porcelain").stdout.strip()
+                                      else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def tee_to_log(path: str | os.PathLike | None) -> Iterator[None]:
+    """Inside the block, stdout and stderr also go to ``path`` (nothing when None)."""
+    if path is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as log:
+        sys.stdout, sys.stderr = Tee(sys.__stdout__, log), Tee(sys.__stderr__, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+
+class Tee:
+    """Writes to several streams (the console and a log file)."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()

@@ -60,7 +60,6 @@ import importlib.util
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -73,7 +72,7 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT)]  # examples' _common; stl_compiler uninstalled
-from _common import FILES, VOCAB, load_text, split_text, stdlib_files  # noqa: E402
+from _common import FILES, VOCAB, commit, load_text, split_text, stdlib_files, tee_to_log  # noqa: E402
 
 import stl_compiler as stl  # noqa: E402
 from stl_compiler.fit import calibrate, distill  # noqa: E402
@@ -86,6 +85,7 @@ def _benchmark_helpers():
     spec = importlib.util.spec_from_file_location("stl_benchmarks_common",
                                                   ROOT / "benchmarks" / "_common.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -386,22 +386,6 @@ class Run:
         bench.write_json(self.path, self.result)
 
 
-def commit() -> str:
-    """``git rev-parse --short HEAD`` (+dirty when the tree has changes), or $STL_COMMIT."""
-    if os.environ.get("STL_COMMIT"):
-        return os.environ["STL_COMMIT"]
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, text=True, capture_output=True,  # noqa: E731
-                                    timeout=20)
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        if head.returncode:
-            return "unknown (no git checkout)"
-        return head.stdout.strip() + ("+dirty" if git("status", "--porcelain").stdout.strip()
-                                      else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def check_targets(run: Run, rank: int = 24) -> list[tuple[str, bool | None, str]]:
     """The issue's targets for STL r=``rank`` (distilled) vs dense and 2:4 (distilled)."""
     dense, sparse = run.final_row("dense"), run.final_row("2:4")
@@ -476,32 +460,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class _Tee:
-    def __init__(self, *streams) -> None:
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for s in self.streams:
-            s.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for s in self.streams:
-            s.flush()
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.log:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        log = open(Path(args.out).with_suffix(".log"), "w")  # noqa: SIM115 - closed at exit
-        sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
-    try:
+    with tee_to_log(Path(args.out).with_suffix(".log") if args.log else None):
         return run(args)
-    finally:
-        if args.log:
-            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-            log.close()
 
 
 def run(args: argparse.Namespace) -> dict:

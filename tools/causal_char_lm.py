@@ -12,7 +12,8 @@ fitted to ``token_moments(4, rho)`` for each ``rho`` (as shipped: restarts 4, 50
 the default ``min_row_terms`` and with 0 (the pivot search may then leave a row without terms
 of its own). For each: validation perplexity of the plain conversion and after
 ``calibrate(steps=2, teacher=dense)`` on 8 training batches, overall and by tile row (the
-predictions made at positions ``a mod 4``); about 2 min per basis.
+predictions made at positions ``a mod 4``); about 2 min per basis. With distillation, across
+ranks and beside the batch recipe: tools/causal_char_lm_ranks.py.
 """
 
 from __future__ import annotations

@@ -75,9 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--rank", type=int, default=None,
                         help="tensor rank r (default 24, or the basis file's)")
     parser.add_argument("--basis", default=None, metavar="NAME|FILE",
-                        help="fitted | strassen | strassen-pruned | naive | random, or a basis "
-                             "file (.safetensors, from stl-compiler fit-basis or "
-                             "STLBasis.save); default fitted")
+                        help="fitted | fitted-bf16 (for --fp16 / bf16 deployment) | dps48 | "
+                             "strassen | strassen-pruned | naive | random, or a basis file "
+                             "(.safetensors, from stl-compiler fit-basis or STLBasis.save); "
+                             "default fitted")
     parser.add_argument("--min-dim", type=int, default=None,
                         help="keep sites with a dim below this dense (default: STLConfig's)")
     parser.add_argument("--fp16", action="store_true", help="export in float16")
@@ -251,15 +252,18 @@ def _tile_support(basis: Any, tile: Any, rank: Any) -> str | None:
     if basis in ("strassen", "strassen-pruned") and tile & (tile - 1):
         return f"--basis {basis} needs a power-of-two --tile (2, 4, 8, ...), got {tile}; use " \
                + others
-    shipped_ranks = bases.fitted_ranks(tile)
-    if basis == "fitted" and (not shipped_ranks or rank is not None and
-                              rank not in shipped_ranks):
-        shipped = {t: bases.fitted_ranks(t) for t in range(2, 17) if bases.fitted_ranks(t)}
+    if basis not in ("fitted", "fitted-bf16"):
+        return None
+    conditioning = "bf16" if basis == "fitted-bf16" else None
+    shipped_ranks = bases.fitted_ranks(tile, conditioning)
+    if not shipped_ranks or rank is not None and rank not in shipped_ranks:
+        shipped = {t: ranks for t in range(2, 17)
+                   if (ranks := bases.fitted_ranks(t, conditioning))}
         listing = "; ".join(f"tile {t}: ranks {', '.join(map(str, r))}"
                             for t, r in shipped.items())
         asked = f"--tile {tile}" + ("" if rank is None or not shipped_ranks else
                                     f" --rank {rank}")
-        return f"no fitted basis ships for {asked} (shipped: {listing}); pick a shipped tile " \
+        return f"no {basis} basis ships for {asked} (shipped: {listing}); pick a shipped tile " \
                f"and rank, or use {others}"
     return None
 

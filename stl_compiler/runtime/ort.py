@@ -158,12 +158,17 @@ def _read_model(path: Path) -> Any:
     return model
 
 
-def _has_half_inputs(model: Any) -> bool:
+def _computes_in_half(model: Any) -> bool:
+    """Whether the graph has float16 inputs, outputs or weights (a model fed token ids computes
+    in float16 with integer inputs)."""
     if model is None:
         return False
     from onnx import TensorProto
 
-    return any(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in model.graph.input)
+    half = TensorProto.FLOAT16
+    graph = model.graph
+    return (any(v.type.tensor_type.elem_type == half for v in (*graph.input, *graph.output))
+            or any(w.data_type == half for w in graph.initializer))
 
 
 def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None, *,
@@ -218,9 +223,10 @@ def ort_session(path: str | os.PathLike, providers: Sequence[Any] | None = None,
     }[optimization_level]
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
-    # onnxruntime 1.31's CPU NCHWc layout pass crashes the process (segfault) on FP16
-    # MatMul graphs such as ours; it only helps convolutions, so leave it out for them.
-    disabled = ["NchwcTransformer"] if _has_half_inputs(_read_model(path)) else []
+    # onnxruntime 1.31-1.32's CPU NCHWc layout pass crashes the process (segfault) on FP16
+    # MatMul graphs such as ours (also behind integer inputs: a float16 BERT fed token ids); it
+    # only helps convolutions, so leave it out for them.
+    disabled = ["NchwcTransformer"] if _computes_in_half(_read_model(path)) else []
     kwargs = {"providers": list(providers), "disabled_optimizers": disabled}
     if optimized_model_path is None:
         session = _inference_session(ort, path, options, kwargs)

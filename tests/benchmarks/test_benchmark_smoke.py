@@ -43,4 +43,4 @@ def test_bf16_drift_smoke(tmp_path):
     rows = json.loads((tmp_path / "bf16_drift.json").read_text())["rows"]
     columns = {(r["model"], r["column"]) for r in rows}
     assert ("llama", "stl causal (default)") in columns and ("bert", "stl fitted-bf16") in columns
-    assert all(r["bf16_vs_fp32"] > 0 and r["drift_x_dense"] > 0 for r in rows)
+    assert all(r["half_vs_fp32"] > 0 and r["drift_x_dense"] > 0 for r in rows)

@@ -156,6 +156,8 @@ def test_usage_error_is_one_line(capsys):
     (["--tile", "3", "--basis", "fitted"],
      r"no fitted basis ships for --tile 3 \(shipped: tile 4: ranks 16, .*--basis naive or "
      r"random \(any tile >= 2\).*--basis FILE"),
+    (["--basis", "fitted-bf16", "--rank", "17"],
+     r"no fitted-bf16 basis ships for --tile 4 --rank 17 \(shipped: tile 4: ranks 16, 20, 24"),
     (["--tile", "3", "--basis", "strassen"], "needs a power-of-two --tile"),
     (["--basis", "missing.safetensors"], "--basis: no basis file at 'missing.safetensors'"),
     (["--basis", "mymodels.py"], "--basis: .* is not a safetensors file"),
