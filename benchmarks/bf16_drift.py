@@ -131,6 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", nargs="+", default=["eager", "inductor"],
                         choices=("eager", "inductor", "onnx-fp16"))
+    parser.add_argument("--models", nargs="+", default=["bert", "llama"],
+                        choices=("bert", "llama"))
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="eager path on the CPU")
     args = parser.parse_args()
@@ -142,6 +144,8 @@ def main() -> None:
     print_env(env)
     rows = []
     for name, model in models().items():
+        if name not in args.models:
+            continue
         model = model.to(device)
         tokens = torch.randint(0, 1000, (4, 64), device=device,
                                generator=torch.Generator(device=device).manual_seed(2))
