@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--intermediate", type=int, default=1376)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--init", type=float, default=0.05,
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--new-exact", type=int, default=40)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"],
+                   choices=["eager", "compiled"], help="speed step: generation modes timed")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
     p.add_argument("--compile", action="store_true", help="compile in --smoke too")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
@@ -78,7 +81,8 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.heads, max_position_embeddings=args.prompt + args.new + 64,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=args.prompt + args.new + 64,
         initializer_range=args.init, bos_token_id=1, eos_token_id=None, pad_token_id=0)
     return transformers.LlamaForCausalLM(config).to(device, dtype).eval()
 
@@ -169,7 +173,8 @@ def check_exact(args: argparse.Namespace, device: torch.device) -> dict[str, Any
 def check_rank24(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     result: dict[str, Any] = {}
     ids = torch.randint(2, args.vocab, (3, args.prompt + 1), device=device)  # a partial tile
-    modes = ["eager"] + (["compiled"] if device.type == "cuda" or args.compile else [])
+    modes = [m for m in args.modes
+             if m == "eager" or device.type == "cuda" or args.compile]
     for label, basis in (("fitted", "fitted"), ("random_causal", random_causal_basis())):
         model = build(args, device, torch.float32)
         convert(model, basis, 24 if isinstance(basis, str) else None)
@@ -211,7 +216,8 @@ def check_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     dense = build(args, device, dtype)
     model = copy.deepcopy(dense)
     convert(model, "fitted", 24)
-    modes = ["eager"] + (["compiled"] if device.type == "cuda" or args.compile else [])
+    modes = [m for m in args.modes
+             if m == "eager" or device.type == "cuda" or args.compile]
     result: dict[str, Any] = {"dtype": str(dtype), "prompt": args.prompt, "new": args.new}
     for batch in args.batches:
         ids = torch.randint(2, args.vocab, (batch, args.prompt), device=device)
@@ -249,8 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "commit": os.environ.get("STL_COMMIT", "unknown"),
-        "model": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "intermediate",
-                                                "vocab", "init")}}
+        "model": {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads",
+                                                "intermediate", "vocab", "init")}}
     for step, fn in (("exact", check_exact), ("rank24", check_rank24), ("speed", check_speed)):
         if step in args.skip:
             continue

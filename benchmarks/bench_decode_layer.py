@@ -1,0 +1,170 @@
+"""Decode-size STL layers: ``stl::gemm_decode``'s decode-size launch against the unfused path
+and dense, at Llama-3-8B projection shapes, as CUDA-graph replays (what a compiled decode step
+with ``mode="reduce-overhead"`` runs).
+
+A decode step of B sequences calls each linear with B new tokens. With ``row_grouping=
+"causal"`` the STL layer computes one 4-row tile per sequence (P = B tile-rows: the cached
+earlier rows of the tile and the new one); with ``"batch"`` 4 sequences share a tile
+(P = ⌈B/4⌉). So the STL cost depends on P only, and each P is compared with dense at
+M = P tokens (causal) and M = 4P tokens (batch). Columns, bf16, t=4, r=24 (``--rank``),
+random weights and basis, medians of ``triton.testing.do_bench`` over CUDA-graph replays,
+inputs rotating over two sets:
+
+- dense:      cuBLAS ``F.linear`` at M = P and M = 4P tokens;
+- unfused:    ``stl::encode`` → ``torch.bmm`` → ``stl::decode`` (today's path);
+- fused:      ``stl::encode`` → ``stl::gemm_decode`` (decode-size launch, autotuned, planes
+              split over programs by ``plane_split``);
+- fused-1:    the same with the split forced to 1 (what the split adds);
+- bmm:        the r small GEMMs alone.
+
+"GB/s" is the weight's bytes (dense: k·m, STL: r·k·m/16 elements) over the time: at these
+sizes every method streams its weight once, so it says how close each is to the memory system's
+limit (``copy GB/s`` in the environment: read + written bytes of a large device copy).
+Before timing, each fused output is checked against the float64 composite.
+
+Usage (CUDA machine): ``python benchmarks/bench_decode_layer.py [--rows 1 2 4 8 16 32 64]
+[--out DIR]`` writes ``decode_layer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import DTYPE, TILE, bench, copy_bandwidth, environment, graphed, print_env  # noqa: E402
+
+from stl_compiler.runtime import ops, stl_gemm  # noqa: E402  (after the path fix above)
+
+#: Llama-3-8B projections (name, in_features, out_features).
+SHAPES = (("q/o 4096->4096", 4096, 4096), ("k/v 4096->1024", 4096, 1024),
+          ("gate/up 4096->14336", 4096, 14336), ("down 14336->4096", 14336, 4096))
+TOLERANCE = 1e-2
+
+
+def _operands(p_rows: int, k: int, m: int, rank: int, gen: torch.Generator) -> dict:
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(DTYPE)
+
+    return {"x": rand(p_rows, TILE, k), "x_dense": rand(p_rows, k),
+            "x_batch": rand(TILE * p_rows, k), "w": rand(m, k, scale=k ** -0.5),
+            "ex": rand(rank, 16, scale=0.25), "d": rand(rank, 16, scale=0.25),
+            "wh": rand(rank, k // TILE, m // TILE, scale=(k / 4) ** -0.5)}
+
+
+def _unfused(o: dict, m: int) -> torch.Tensor:
+    xh = ops.encode(o["x"], o["ex"], TILE)
+    yh = torch.bmm(xh.reshape(xh.shape[0], -1, xh.shape[-1]), o["wh"])
+    return ops.decode(yh.reshape(*xh.shape[:-1], -1), o["d"], TILE, TILE, m)
+
+
+def _fused(o: dict, m: int) -> torch.Tensor:
+    xh = ops.encode(o["x"], o["ex"], TILE)
+    return stl_gemm.gemm_decode(xh, o["wh"], o["d"], None, "none", 1.0, TILE, TILE, m)
+
+
+def _check(o: dict, m: int) -> float:
+    xh = ops.encode(o["x"], o["ex"], TILE)
+    ref = stl_gemm.gemm_decode_aten(xh.double(), o["wh"].double(), o["d"].double(), None,
+                                    "none", 1.0, TILE, TILE, m)
+    out = _fused(o, m).double()
+    err = float((out - ref).norm() / ref.norm())
+    if not err < TOLERANCE:
+        raise SystemExit(f"fused decode-size output off by {err:.2e} (tolerance {TOLERANCE})")
+    return err
+
+
+def _time(fn, sets: list[dict]) -> float:
+    """Median ms of CUDA-graph replays of ``fn`` over the operand sets, in turn."""
+    replays = [graphed(lambda o=o: fn(o)) for o in sets]
+    state = {"i": 0}
+
+    def call():
+        state["i"] += 1
+        replays[state["i"] % len(replays)]()
+
+    return bench(call)
+
+
+def run(rows: list[int], rank: int) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kernel = stl_gemm.kernel_module()
+    results = []
+    for name, k, m in SHAPES:
+        for p_rows in rows:
+            sets = [_operands(p_rows, k, m, rank, gen) for _ in range(2)]
+            for o in sets:
+                xh = ops.encode(o["x"], o["ex"], TILE)
+                o["xh"] = xh.reshape(rank, -1, k // TILE)
+            error = _check(sets[0], m)
+            methods = {
+                "dense": lambda o: F.linear(o["x_dense"], o["w"]),
+                "dense_4p": lambda o: F.linear(o["x_batch"], o["w"]),
+                "unfused": lambda o, m=m: _unfused(o, m),
+                "fused": lambda o, m=m: _fused(o, m),
+                "bmm": lambda o: torch.bmm(o["xh"], o["wh"]),
+            }
+            ms = {key: _time(fn, sets) for key, fn in methods.items()}
+            split = kernel.plane_split(p_rows, k // TILE, m // TILE, rank, 2,
+                                       torch.cuda.get_device_properties(0).multi_processor_count)
+            original = kernel.plane_split
+            kernel.plane_split = lambda *a: 1
+            try:
+                ms["fused-1"] = _time(methods["fused"], sets)
+            finally:
+                kernel.plane_split = original
+            dense_bytes, stl_bytes = k * m * 2, rank * k * m // 16 * 2
+            row = {"name": name, "k": k, "m": m, "tile_rows": p_rows, "rank": rank,
+                   "split": split, "ms": ms, "error": error,
+                   "gbs": {key: (dense_bytes if key.startswith("dense") else stl_bytes)
+                           / (t * 1e-3) / 1e9 for key, t in ms.items()},
+                   "x_dense_causal": {key: ms["dense"] / t for key, t in ms.items()},
+                   "x_dense_batch": {key: ms["dense_4p"] / t for key, t in ms.items()}}
+            results.append(row)
+            _print(row)
+            del sets
+            torch.cuda.empty_cache()
+    configs = kernel.best_config(skinny=True)
+    for row in results:
+        row["configs"] = [v for key, v in configs.items()
+                          if key.startswith(f"({row['tile_rows']}, {row['k'] // TILE}, "
+                                            f"{row['m'] // TILE}, {rank}")]
+    return results
+
+
+def _print(row: dict) -> None:
+    us = "  ".join(f"{key} {t * 1e3:6.1f}" for key, t in row["ms"].items())
+    gbs = "  ".join(f"{key} {v:5.0f}" for key, v in row["gbs"].items())
+    x = row["x_dense_causal"]
+    print(f"{row['name']:<20} P={row['tile_rows']:<3} split {row['split']:<2} µs: {us}\n"
+          f"{'':<20} GB/s: {gbs}\n{'':<20} x dense (causal, M=P): unfused "
+          f"{x['unfused']:.2f} fused {x['fused']:.2f} fused-1 {x['fused-1']:.2f} | "
+          f"(batch, M=4P): fused {row['x_dense_batch']['fused']:.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--rank", type=int, default=24)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_layer.py needs a CUDA device")
+    env = environment(torch.device("cuda"))
+    env["copy_gbs"] = copy_bandwidth() / 1e9
+    print_env(env)
+    rows = run(args.rows, args.rank)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "decode_layer.json").write_text(json.dumps({"env": env, "rows": rows},
+                                                               indent=1))
+
+
+if __name__ == "__main__":
+    main()
