@@ -136,10 +136,10 @@ class TestInterpreted:
     @pytest.mark.parametrize("case", SKINNY_CASES,
                              ids=lambda c: f"{len(c[0])}b{c[1]}x{c[2]}x{c[3]}r{c[4]}")
     def test_decode_size_launch(self, impl, monkeypatch, case, split):
-        """The decode-size launch at forced plane splits (1: no workspace; 24 with rank 49:
-        more planes per program than programs need, some programs past the last plane)."""
+        """The decode-size launch at forced splits of the (plane, K-step) loop (1: no
+        workspace; 3: ranges ending inside a plane; 24: some programs past the last step)."""
         _poison(impl, monkeypatch)
-        monkeypatch.setattr(impl, "plane_split", lambda *a: split)
+        monkeypatch.setattr(impl, "step_split", lambda *a: split)
         args = _operands(case, torch.float32, "cpu")
         _check(impl.gemm_decode(*args, skinny=True), _reference(args), torch.float32)
 
@@ -149,22 +149,22 @@ class TestInterpreted:
         _poison(impl, monkeypatch)
         case = ((3,), 1, 160, 8, 24, 2, 0, "silu", True)
         args = _operands(case, torch.bfloat16, "cpu")
-        assert impl.plane_split(3, 160, 8, 24, 2, impl.INTERPRETER_SMS) > 1
+        assert impl.step_split(3, 160, 8, 24, 2, impl.INTERPRETER_SMS) > 1
         _check(impl.gemm_decode(*args), _reference(args), torch.bfloat16)
 
-    def test_plane_split(self, impl):
+    def test_step_split(self, impl):
         """Decode-size splits at Llama-3-8B shapes on 132 multiprocessors: several programs
-        per block for one sequence, none when the partials would cost more than the budget,
-        never more programs than planes, and the planes always covered."""
+        per block for one sequence (more for the narrow down projection), none when the
+        partials would cost more than the budget, never more programs than K steps."""
         up, down = (1024, 3584), (3584, 1024)
-        assert impl.plane_split(1, *up, 24, 2, 132) > 1
-        assert impl.plane_split(1, *down, 24, 2, 132) > impl.plane_split(1, *up, 24, 2, 132)
-        assert impl.plane_split(64, *up, 24, 2, 132) == 1
+        assert impl.step_split(1, *up, 24, 2, 132) > 1
+        assert impl.step_split(1, *down, 24, 2, 132) > impl.step_split(1, *up, 24, 2, 132)
+        assert impl.step_split(64, *up, 24, 2, 132) == 1
         for p_rows in (1, 2, 8, 16, 64):
             for rank in (16, 24, 49):
-                split = impl.plane_split(p_rows, *down, rank, 2, 132)
-                planes = -(-rank // split)
-                assert 1 <= split <= rank and (split - 1) * planes < rank <= split * planes
+                for kt, mt in (up, down, (64, 4096)):
+                    split = impl.step_split(p_rows, kt, mt, rank, 2, 132)
+                    assert 1 <= split <= rank * -(-kt // 128)
 
     def test_op_takes_the_kernel(self, impl, monkeypatch):
         """The op's body launches the kernel on tensors of the kernel's device (CPU for this
@@ -287,7 +287,7 @@ class TestCUDA:
         args = _operands(((4,), 1, 1024, 512, 24, 0, 0, "gelu", True), torch.bfloat16, "cuda")
         impl = stl_gemm.kernel_module()
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        assert impl.plane_split(4, 1024, 512, 24, 2, sms) > 1
+        assert impl.step_split(4, 1024, 512, 24, 2, sms) > 1
         xh = args[0].clone()
         torch.ops.stl.gemm_decode(xh, *args[1:])  # autotune outside the capture
         graph = torch.cuda.CUDAGraph()

@@ -22,11 +22,12 @@ tile-rows; a tile-row's batch entry and row follow from ``a``).
 are memory-bound: the kernel streams the encoded weight once, and the time is its bytes over
 the bandwidth. One or a few blocks then cover every tile-row, so a layer has about
 ``⌈(M/t)/BN⌉`` blocks, too few to keep the memory system busy (64 programs at M = 4096).
-The launcher then splits the rank planes over ``split`` programs per block (``PLANES`` each,
-grid axis 1): each writes its partial decoded block to an fp32 workspace
+The launcher then splits the flat (plane, K-step) loop over ``split`` programs per block
+(grid axis 1; decode is linear, so a program decodes its partial products of a plane as
+well as whole ones): each writes its partial decoded block to an fp32 workspace
 ``(split, P, M/t, t²)``, and ``_split_reduce_kernel`` sums the partials in a fixed order
 (deterministic, no atomics) and applies the epilogue. The split is chosen from the shape
-only (:func:`plane_split`), so the launch is fixed per traced shape (CUDA-graph safe).
+only (:func:`step_split`), so the launch is fixed per traced shape (CUDA-graph safe).
 
 The launcher works on CUDA tensors, and on CPU tensors when this package was imported under
 ``TRITON_INTERPRET=1`` (``tests/runtime/test_stl_gemm.py``). It launches through
@@ -62,13 +63,14 @@ CONFIG_SHAPES = [
 INTERPRETER_CONFIG = (16, 16, 16, 4, 1, "fma")
 
 #: Calls with at most this many tile-rows (all batch entries together) take the decode-size
-#: launch: FMA decode, planes split over programs. Its autotuner candidates, keyed by the exact
-#: tile-row count: (BM, BN, BK, num_warps, num_stages); BM = 16 with P > 16 gives more
-#: programs that re-read the weight panel from L2 instead of splitting planes.
+#: launch: FMA decode, the (plane, K) loop split over programs. Its autotuner candidates, keyed
+#: by the exact tile-row count: (BM, BN, BK, num_warps, num_stages); wide BN reads long rows of
+#: the N-contiguous encoded weight; BM = 16 with P > 16 gives more programs that re-read the
+#: weight panel from L2.
 SKINNY_ROWS = 64
 SKINNY_CONFIG_SHAPES = [
-    (16, 16, 128, 4, 4), (16, 32, 64, 4, 4), (16, 32, 128, 4, 3), (16, 64, 64, 4, 3),
-    (32, 16, 128, 4, 4), (32, 32, 64, 4, 4), (64, 16, 64, 4, 4), (64, 32, 64, 8, 3),
+    (16, 64, 64, 4, 4), (16, 64, 128, 4, 3), (16, 128, 64, 8, 3), (16, 128, 32, 8, 4),
+    (16, 32, 128, 4, 4), (32, 64, 64, 4, 3), (64, 64, 64, 8, 3),
 ]
 #: The interpreter's decode-size config.
 INTERPRETER_SKINNY_CONFIG = (16, 16, 16, 4, 1)
@@ -119,16 +121,17 @@ def _plane_gemm(xh_ptr, wh_ptr, p, offs_i, offs_j, P, KT, MT, sx_p, sx_i, sx_k, 
 
 
 @triton.jit
-def _fma_step(acc, out3, step, n_k, x_ptrs, w_ptrs, d_ptr, offs_i, offs_j, offs_k, P, KT, MT,
-              sx_p, sx_k, sw_p, sw_k, T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BK: tl.constexpr, IEEE: tl.constexpr):
-    """Step ``step`` of the flat (plane, K) loop; after a plane's last K step its block is
-    decoded into ``out3`` on the CUDA cores and ``acc`` restarts."""
+def _fma_step(acc, out3, step, last, n_k, x_ptrs, w_ptrs, d_ptr, offs_i, offs_j, offs_k, P,
+              KT, MT, sx_p, sx_k, sw_p, sw_k, T: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """Step ``step`` of the flat (plane, K) loop, which ends before ``last``; after a plane's
+    last K step (or the loop's last step) the block is decoded into ``out3`` on the CUDA cores
+    and ``acc`` restarts."""
     p = step // n_k
     k0 = (step - p * n_k) * BK
     acc = _k_step(acc, x_ptrs + p * sx_p, w_ptrs + p * sw_p, k0, offs_i, offs_j, offs_k, P, KT,
                   MT, sx_k, sw_k, IEEE)
-    if step - p * n_k == n_k - 1:
+    if (step - p * n_k == n_k - 1) | (step == last - 1):
         d_p = tl.load(d_ptr + p * (T * T) + tl.arange(0, T * T)).to(tl.float32)
         out3 += acc[:, :, None] * d_p[None, None, :]
         acc = tl.full((BM, BN), 0.0, tl.float32)
@@ -151,12 +154,13 @@ def _stack16(v):
 def _gemm_decode_kernel(xh_ptr, wh_ptr, d_ptr, bias_ptr, out_ptr,
                         P, A, KT, MT, ROWS, COLS, NBIAS, scale,
                         sx_p, sx_i, sx_k, sw_p, sw_k, sw_j,
-                        PLANES, R: tl.constexpr, T: tl.constexpr, ACT: tl.constexpr,
+                        N_SPLIT, R: tl.constexpr, T: tl.constexpr, ACT: tl.constexpr,
                         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP_M: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         DECODE: tl.constexpr, SPLIT: tl.constexpr):
-    """With SPLIT, program (·, s) decodes planes ``s·PLANES ..`` only and stores its fp32
-    partial block into ``out_ptr`` (the workspace); otherwise all R planes and the epilogue."""
+    """With SPLIT, program (·, s) runs the s-th of N_SPLIT ranges of the flat (plane, K-step)
+    loop and stores its fp32 partial block into ``out_ptr`` (the workspace); otherwise all
+    planes and the epilogue."""
     dtype = xh_ptr.dtype.element_ty
     # Grouped block order: GROUP_M block-rows share each Wh column panel while it is in L2.
     pid = tl.program_id(0)
@@ -194,19 +198,20 @@ def _gemm_decode_kernel(xh_ptr, wh_ptr, d_ptr, bias_ptr, out_ptr,
         n_k = (KT + BK - 1) // BK
         first, last = 0, R * n_k
         if SPLIT:
-            first = tl.program_id(1) * PLANES * n_k
-            last = tl.minimum(first + PLANES * n_k, R * n_k)
+            per_program = (R * n_k + N_SPLIT - 1) // N_SPLIT
+            first = tl.program_id(1) * per_program
+            last = tl.minimum(first + per_program, R * n_k)
         acc = tl.full((BM, BN), 0.0, tl.float32)
         if INTERPRETED:  # the interpreter's scalar arguments cannot bound a range()
             step = first
             while step < last:
-                acc, out3 = _fma_step(acc, out3, step, n_k, x_ptrs, w_ptrs, d_ptr, offs_i,
+                acc, out3 = _fma_step(acc, out3, step, last, n_k, x_ptrs, w_ptrs, d_ptr, offs_i,
                                       offs_j, offs_k, P, KT, MT, sx_p, sx_k, sw_p, sw_k, T,
                                       BM, BN, BK, IEEE)
                 step += 1
         else:
             for step in range(first, last):
-                acc, out3 = _fma_step(acc, out3, step, n_k, x_ptrs, w_ptrs, d_ptr, offs_i,
+                acc, out3 = _fma_step(acc, out3, step, last, n_k, x_ptrs, w_ptrs, d_ptr, offs_i,
                                       offs_j, offs_k, P, KT, MT, sx_p, sx_k, sw_p, sw_k, T,
                                       BM, BN, BK, IEEE)
         out = tl.reshape(out3, (BM * BN, T * T))
@@ -291,8 +296,8 @@ def _skinny_autotuned():
     per program come from the launcher and are part of the key, as the tile-row count P)."""
     configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
                for bm, bn, bk, warps, stages in SKINNY_CONFIG_SHAPES]
-    return triton.autotune(configs, key=["P", "KT", "MT", "R", "ACT", "HAS_BIAS", "PLANES",
-                                         "SPLIT"])(_gemm_decode_kernel)
+    return triton.autotune(configs, key=["P", "KT", "MT", "R", "ACT", "HAS_BIAS",
+                                         "N_SPLIT"])(_gemm_decode_kernel)
 
 
 @functools.cache
@@ -302,16 +307,16 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plane_split(p_rows: int, kt: int, mt: int, rank: int, itemsize: int, sms: int) -> int:
+def step_split(p_rows: int, kt: int, mt: int, rank: int, itemsize: int, sms: int) -> int:
     """Programs per column block of a decode-size launch: enough for SKINNY_PROGRAMS_PER_SM
-    programs per multiprocessor (at BN = 32), as long as writing and reading the fp32 partials
-    costs under 1/PARTIAL_BUDGET of the encoded weight's bytes; at most one per plane."""
-    blocks = triton.cdiv(mt, 32)
+    programs per multiprocessor (at BN = 64), as long as writing and reading the fp32 partials
+    costs under 1/PARTIAL_BUDGET of the encoded weight's bytes; at most one per 128-wide K
+    step of the (plane, K) loop."""
+    blocks = triton.cdiv(mt, 64)
     wanted = triton.cdiv(SKINNY_PROGRAMS_PER_SM * sms, blocks)
     partial_bytes = 2 * p_rows * mt * 16 * 4
     affordable = rank * kt * mt * itemsize // (PARTIAL_BUDGET * partial_bytes)
-    split = max(1, min(wanted, affordable, rank))
-    return triton.cdiv(rank, triton.cdiv(rank, split))  # no program without planes
+    return max(1, min(wanted, affordable, rank * triton.cdiv(kt, 128)))
 
 
 def gemm_decode(xh: Tensor, wh: Tensor, d: Tensor, bias: Tensor | None, activation: str,
@@ -345,7 +350,7 @@ def gemm_decode(xh: Tensor, wh: Tensor, d: Tensor, bias: Tensor | None, activati
     if skinny:
         _skinny_launch(x3, wh, d, bias_arg, out, sizes, meta, config)
         return out
-    args = (x3, wh, d, bias_arg, out, *sizes, *x3.stride(), *wh.stride(), rank)
+    args = (x3, wh, d, bias_arg, out, *sizes, *x3.stride(), *wh.stride(), 1)
     if config is None and INTERPRETED:
         config = INTERPRETER_CONFIG
     if config is None:
@@ -367,13 +372,12 @@ def _skinny_launch(x3: Tensor, wh: Tensor, d: Tensor, bias_arg: Tensor, out: Ten
     enough programs, partials summed by ``_split_reduce_kernel``."""
     rank, p_rows, kt = x3.shape
     mt = wh.shape[-1]
-    split = plane_split(p_rows, kt, mt, rank, x3.element_size(), _multiprocessors(x3.device))
-    planes = triton.cdiv(rank, split)
+    split = step_split(p_rows, kt, mt, rank, x3.element_size(), _multiprocessors(x3.device))
     target = out
     if split > 1:
         target = torch.empty((split, p_rows, mt, meta["T"] ** 2), dtype=torch.float32,
                              device=x3.device)
-    args = (x3, wh, d, bias_arg, target, *sizes, *x3.stride(), *wh.stride(), planes)
+    args = (x3, wh, d, bias_arg, target, *sizes, *x3.stride(), *wh.stride(), split)
     meta = dict(meta, DECODE=DECODES["fma"], SPLIT=split > 1)
     if config is None and INTERPRETED:
         config = INTERPRETER_SKINNY_CONFIG
