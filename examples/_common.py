@@ -86,6 +86,9 @@ RANKS = (16, 24, 32, 40, 49)
 def parse_args(doc: str, out: str, ranks: tuple[int, ...] = RANKS) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=list(ranks))
+    parser.add_argument("--bf16-cuda", action="store_true",
+                        help="also evaluate every model in bf16 on the CUDA device (training "
+                             "stays fp32 on CPU): the precision users deploy in")
     parser.add_argument("--steps", type=int, default=None, help="training steps (dense and A)")
     parser.add_argument("--out", default=out, help="JSON results file")
     parser.add_argument("--seed", type=int, default=0)
@@ -140,30 +143,74 @@ def convert_variants(dense: nn.Module, rank: int, row_grouping: str, calib: list
     return result
 
 
+#: The models of a rank's row, in the order :func:`compare_ranks` evaluates them.
+VARIANTS = ("scratch", "plain", "calibrated", "distilled")
+
+
+class DeviceCopy(nn.Module):
+    """A deep copy of ``model`` on ``device`` in ``dtype`` (eval mode), called like the model
+    with CPU inputs: floating-point inputs are cast to ``dtype``, integer ones (token ids)
+    only moved; the output comes back as float32 on the CPU, so any CPU metric applies."""
+
+    def __init__(self, model: nn.Module, device: str = "cuda",
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = torch.device(device), dtype
+
+    @torch.no_grad()
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        moved = [x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
+                 for x in inputs]
+        return self.inner(*moved).float().cpu()
+
+
+def bf16_cuda(metric: Callable[[nn.Module], float]) -> Callable[[nn.Module], float]:
+    """``metric`` of the model run in bf16 on the CUDA device (:class:`DeviceCopy`)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--bf16-cuda needs a CUDA device")
+    return lambda model: metric(DeviceCopy(model))
+
+
 def compare_ranks(ranks: list[int], init: nn.Module, dense: nn.Module, row_grouping: str,
                   batches: Callable[[], Iterator], loss_fn: Callable, steps: int, calib: list,
                   distill_batches: list, metric: Callable[[nn.Module], float], fmt: str,
-                  recipe: Callable[[int], tuple[dict, dict]] | None = None, jobs: int = 1
+                  recipe: Callable[[int], tuple[dict, dict]] | None = None, jobs: int = 1,
+                  extra_metrics: dict[str, Callable[[nn.Module], float]] | None = None
                   ) -> dict:
     """Per rank: (A) train from scratch with STL, (B) convert ``dense`` plain, + calibration,
     + distillation; ``metric`` of each, printed as it goes. ``recipe(rank)``: the
     ``(calib_options, distill_options)`` of :func:`convert_variants` at that rank (default:
     ``calibrate(steps=2)``, ``distill(lr=2e-4)`` on the STL parameters). ``jobs > 1`` runs
     the ranks in that many forked processes; every rank starts from the same random state,
-    so a rank's numbers do not depend on ``jobs`` or on the other ranks."""
+    so a rank's numbers do not depend on ``jobs`` or on the other ranks. ``extra_metrics``
+    (name → metric, e.g. ``{"bf16": bf16_cuda(metric)}``) are taken of the same models at the
+    same moments; a row holds them as ``row[name] = {variant: value}``."""
     rng_state = torch.get_rng_state()
+    extra_metrics = extra_metrics or {}
 
     def one_rank(rank: int) -> dict:
         torch.set_rng_state(rng_state)
+        extras: dict[str, list[float]] = {name: [] for name in extra_metrics}
+
+        def evaluate(model: nn.Module) -> float:
+            for name, extra in extra_metrics.items():
+                extras[name].append(extra(model))
+            return metric(model)
+
         scratch = to_stl(init, rank, row_grouping)
         train(scratch, batches(), loss_fn, steps, lr=3e-3)
-        row = {"scratch": metric(scratch)}
+        row = {"scratch": evaluate(scratch)}
         calib_options, distill_options = recipe(rank) if recipe else ({}, {})
         row.update(convert_variants(dense, rank, row_grouping, calib, distill_batches,
-                                    len(distill_batches), metric, 2e-4, calib_options,
+                                    len(distill_batches), evaluate, 2e-4, calib_options,
                                     distill_options))
+        for name, values in extras.items():
+            row[name] = dict(zip(VARIANTS, values, strict=True))
         print(f"rank {rank}: " + ", ".join(f"{k}={v:{fmt}}" for k, v in row.items()
-                                          if isinstance(v, float)), flush=True)
+                                          if isinstance(v, float))
+              + "".join(f"; {name}: " + ", ".join(f"{k}={v:{fmt}}" for k, v in row[name].items())
+                        for name in extras), flush=True)
         return row
 
     if jobs <= 1:
@@ -182,15 +229,22 @@ def _run_rank_job(rank: int) -> dict:
     return _RANK_JOB(rank)
 
 
-def report(title: str, metric: str, dense: float, results: dict, path: str, extra: dict
-           ) -> None:
-    """Print the (A)/(B) table and write everything to ``path``."""
-    print(f"\n{title} ({metric}); dense: {dense:.4g}")
-    print(f"{'rank':>5} {'A: scratch':>11} {'B: plain':>9} {'B: +calib':>10} "
-          f"{'B: +distill':>12}")
-    for rank, row in results.items():
-        print(f"{rank:>5} {row['scratch']:>11.4g} {row['plain']:>9.4g} "
-              f"{row['calibrated']:>10.4g} {row['distilled']:>12.4g}")
+def report(title: str, metric: str, dense: float, results: dict, path: str, extra: dict,
+           dense_extra: dict[str, float] | None = None) -> None:
+    """Print the (A)/(B) table (and one per extra metric: ``dense_extra`` holds the dense
+    model's value of each) and write everything to ``path``."""
+    tables = [(metric, dense, {rank: row for rank, row in results.items()})]
+    tables += [(f"{metric}, {name}", value, {rank: row[name] for rank, row in results.items()})
+               for name, value in (dense_extra or {}).items()]
+    for label, dense_value, rows in tables:
+        print(f"\n{title} ({label}); dense: {dense_value:.4g}")
+        print(f"{'rank':>5} {'A: scratch':>11} {'B: plain':>9} {'B: +calib':>10} "
+              f"{'B: +distill':>12}")
+        for rank, row in rows.items():
+            print(f"{rank:>5} {row['scratch']:>11.4g} {row['plain']:>9.4g} "
+                  f"{row['calibrated']:>10.4g} {row['distilled']:>12.4g}")
+    if dense_extra:
+        extra = {**extra, "dense_extra": dense_extra}
     with open(path, "w") as handle:
         json.dump({"metric": metric, "dense": dense, "ranks": results, **extra}, handle,
                   indent=1)

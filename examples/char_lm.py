@@ -17,7 +17,8 @@ fitted basis at ranks 44-48): up to rank 40 the calibration restarts every layer
 model's own activations; ranks 44-48 start from the converted basis. Distillation trains all
 parameters (lr 1.2e-2 up to rank 40, 1e-3 above, 10 warmup steps) on the logits' KL plus each
 block's output MSE; rank 64 (exact) keeps the plain STL-only recipe.
-Prints validation perplexity per rank and writes examples/char_lm.json.
+Prints validation perplexity per rank and writes examples/char_lm.json. ``--bf16-cuda`` adds
+a table of the same models evaluated in bf16 on the CUDA device.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from _common import (  # noqa: F401  (FILES, load_text: the corpus, re-exported 
     FILES,
     VOCAB,
     Block,
+    bf16_cuda,
     compare_ranks,
     load_text,
     parse_args,
@@ -113,6 +115,7 @@ def main() -> None:
     dense = copy.deepcopy(init)
     seconds = train(dense, train_batches(), loss_fn, steps, lr=3e-3)
     dense_ppl = metric(dense)
+    extra_metrics = {"bf16_cuda": bf16_cuda(metric)} if args.bf16_cuda else {}
     print(f"dense: perplexity {dense_ppl:.3f} ({seconds:.0f}s, {steps} steps, "
           f"{len(train_text)} train / {len(val_text)} val chars)", flush=True)
     stream = train_batches(args.seed + 1)
@@ -122,11 +125,14 @@ def main() -> None:
     blocks = [f"blocks.{name}" for name, _ in dense.blocks.named_children()]
     recipes = {rank: recipe(rank, blocks, distill_steps // 10) for rank in args.ranks}
     results = compare_ranks(args.ranks, init, dense, "batch", train_batches, loss_fn, steps,
-                            calib, distill_batches, metric, ".3f", recipes.get, args.jobs)
+                            calib, distill_batches, metric, ".3f", recipes.get, args.jobs,
+                            extra_metrics)
+    # after the ranks: their worker processes are forked, which needs CUDA untouched until then
+    dense_extra = {name: fn(dense) for name, fn in extra_metrics.items()}
     report("char LM, validation perplexity (row_grouping='batch')", "perplexity", dense_ppl,
            results, args.out, {"steps": steps, "distill_steps": distill_steps,
                                "seed": args.seed, "files": FILES,
-                               "recipe": recipes})
+                               "recipe": recipes}, dense_extra)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from .functional import (
     stl_product,
 )
 from .runtime.ops import decode, decode_epilogue, encode
-from .runtime.stl_gemm import fused_is_faster, gemm_decode
 from .tiling import (
     causality_message,
     check_row_grouping,
@@ -160,31 +159,15 @@ class STLLinear(nn.Module):
         rows = group_rows(x, self.row_grouping)
         encoded = encode(rows, self.ex, self.tile)
         flat = encoded.reshape(self.rank, -1, encoded.shape[-1])
-        if self._fused_is_faster(flat.shape[1], x.device.type):
-            # decode-size calls: the r GEMMs and the decode in one kernel (stl::gemm_decode)
-            y = gemm_decode(encoded, self.weight_encoded, self.d, self.bias, "none", 1.0,
-                            self.tile, rows.shape[-2], self.out_features)
-        else:
-            product = torch.bmm(flat, self.weight_encoded)
-            product = product.reshape(self.rank, *rows.shape[:-2], -1, product.shape[-1])
-            if self.bias is None:
-                y = decode(product, self.d, self.tile, rows.shape[-2], self.out_features)
-            else:  # the bias add rides in the decode's epilogue: no extra pass over the output
-                y = decode_epilogue(product, self.d, self.bias, "none", 1.0, self.tile,
-                                    rows.shape[-2], self.out_features)
+        product = torch.bmm(flat, self.weight_encoded)
+        product = product.reshape(self.rank, *rows.shape[:-2], -1, product.shape[-1])
+        if self.bias is None:
+            y = decode(product, self.d, self.tile, rows.shape[-2], self.out_features)
+        else:  # the bias add rides in the decode's epilogue: no extra pass over the output
+            y = decode_epilogue(product, self.d, self.bias, "none", 1.0, self.tile,
+                                rows.shape[-2], self.out_features)
         y = ungroup_rows(y, x, self.row_grouping)
         return y.squeeze(0) if squeeze else y
-
-    def _fused_is_faster(self, tile_rows: Any, device_type: str) -> bool:
-        """Whether ``stl::gemm_decode`` measured faster for this layer at ``tile_rows`` (the
-        call's tile-rows; a symbolic size under dynamic shapes counts as unknown). Never under
-        torch.export: :func:`stl_compiler.stl_compile` captures the unfused ops, and its passes
-        fuse each decode into the next encode first, then by the same table."""
-        if torch.compiler.is_exporting():
-            return False
-        _, kt, mt = self.weight_encoded.shape
-        return fused_is_faster(kt * self.tile, mt * self.tile, self.rank,
-                               tile_rows if isinstance(tile_rows, int) else None, device_type)
 
     @property
     def rows_isolated(self) -> bool:

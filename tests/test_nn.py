@@ -38,43 +38,6 @@ def test_from_linear_exact_matches_linear(name, row_grouping, bias, dtype):
         assert rel_err(y, expected) < tol, shape
 
 
-@pytest.mark.parametrize("row_grouping", ["tokens", "batch", "causal"])
-@pytest.mark.parametrize("bias", [True, False])
-def test_decode_size_calls_take_the_fused_op_where_measured(row_grouping, bias, monkeypatch):
-    """Inside a measured region (here a CPU one: on CPU the op is the composite) a call takes
-    ``stl::gemm_decode`` and computes what ``encode → bmm → decode`` computes, gradients too;
-    a call past the region's tile-rows, or on another device type, does not."""
-    from stl_compiler.runtime import stl_gemm
-
-    basis = {"tokens": bases.fitted(4, 24), "batch": row_separable(4, 24),
-             "causal": bases.causal(4, 24)}[row_grouping]
-    linear = nn.Linear(40, 24, bias=bias).double()
-    layer = STLLinear.from_linear(linear, basis, row_grouping=row_grouping)
-    x = torch.randn(3, 5, 40, dtype=torch.double, requires_grad=True)
-    want = layer(x)
-    want.square().sum().backward()
-    want_grads = [t.grad.clone() for t in (x, layer.weight_encoded, layer.ex, layer.d)]
-    calls = []
-    real = stl_gemm.gemm_decode
-    monkeypatch.setattr("stl_compiler.nn.gemm_decode", lambda *a: calls.append(1) or real(*a))
-    region = stl_gemm.FusedRegion((1, 64), (1, 64), (24, 24), tile_rows=(1, 8),
-                                  device_type="cpu")
-    monkeypatch.setattr(stl_gemm, "FUSED_FASTER", (region,))
-    for t in (x, layer.weight_encoded, layer.ex, layer.d):
-        t.grad = None
-    got = layer(x)
-    got.square().sum().backward()
-    assert calls == [1]
-    assert rel_err(got, want) < 1e-12
-    for t, g in zip((x, layer.weight_encoded, layer.ex, layer.d), want_grads):
-        assert rel_err(t.grad, g) < 1e-12
-    layer(torch.randn(9, 4, 40, dtype=torch.double))  # 9 or more tile-rows: unfused
-    monkeypatch.setattr(stl_gemm, "FUSED_FASTER", (stl_gemm.FusedRegion(
-        (1, 64), (1, 64), (24, 24), tile_rows=(1, 8)),))  # a CUDA region
-    layer(x)
-    assert calls == [1]
-
-
 def test_parameter_shapes():
     layer = STLLinear.from_linear(nn.Linear(K, M), bases.random(4, 6))
     assert layer.weight_encoded.shape == (6, 3, 2)  # (rank, ceil(K/t), ceil(M/t))

@@ -3,10 +3,9 @@ one ``stl::gemm_decode``, whose CUDA kernel never writes the encoded product pla
 
 A lowered linear site reads ``encode → reshape → bmm(·, Wh) → reshape → decode`` (or
 ``decode_epilogue`` with a bias). The pass takes every such decode whose product feeds nothing
-else and rewrites it when :func:`stl_compiler.runtime.stl_gemm.fused_is_faster` says the
-fused kernel measured faster for the site's (in, out, rank, tile-rows) on the graph's device
-(tile-rows only when the shape is static). It runs after the decode → encode and row-strip
-fusions: a decode those fused into the next site's encode never reaches this pass.
+else and rewrites it when :func:`fused_is_faster` says the fused kernel measured faster for
+the site's (in, out, rank). It runs after the decode → encode and row-strip fusions: a
+decode those fused into the next site's encode never reaches this pass.
 
 On CPU (and anything the kernel does not take) the fused op is the same ``bmm →
 decode_epilogue`` composite, so the rewrite never changes results beyond rounding of the
@@ -15,16 +14,49 @@ kernel's own accumulation order on CUDA.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
-from ..runtime import stl_gemm
+from ..runtime import stl_gemm as _stl_gemm  # noqa: F401  (registers stl::gemm_decode)
 from ._graph import aten, concrete, erase_dead, insert_call
 from .context import PassContext
 
 stl = torch.ops.stl
 
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+@dataclass(frozen=True)
+class FusedRegion:
+    """Layer shapes (inclusive ranges of in_features, out_features, rank) where the fused
+    kernel measured faster than ``encode → bmm → decode_epilogue`` on CUDA."""
+
+    in_features: tuple[int, int]
+    out_features: tuple[int, int]
+    ranks: tuple[int, int]
+
+    def contains(self, k: int, m: int, rank: int) -> bool:
+        return (self.in_features[0] <= k <= self.in_features[1]
+                and self.out_features[0] <= m <= self.out_features[1]
+                and self.ranks[0] <= rank <= self.ranks[1])
+
+
+#: Where the fused kernel won, from ``benchmarks/bench_stl_gemm.py`` (CUDA-graph replays,
+#: encode + fused op against encode + bmm + decode_epilogue). Measured 2026-12-03 on an NVIDIA
+#: H200 (torch 2.11, Triton 3.6), bf16, t = 4, r = 24, at 8224×1280→5120, 8224×5120→1280,
+#: 8224×1280→1280, 4096×1152→4608, 16384×1024→4096, 4096×4096→4096 and 8192×4096→14336: the
+#: fused path took 4.0–6.4× the unfused path's time at every shape (its kernel ran at
+#: 0.07–0.14 of the bmm's speed, bound by L2 traffic: each small output block re-reads r
+#: operand panels), so no region is listed and the pass leaves graphs unchanged until a
+#: faster kernel is measured.
+FUSED_FASTER: tuple[FusedRegion, ...] = ()
+
+
+def fused_is_faster(in_features: int, out_features: int, rank: int) -> bool:
+    """Whether ``stl::gemm_decode`` measured faster than the unfused path at this shape."""
+    return any(region.contains(in_features, out_features, rank) for region in FUSED_FASTER)
 
 
 def fuse_gemm_decode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -38,11 +70,8 @@ def fuse_gemm_decode(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         product, bmm, planes, wh = site
         rank, kt, mt = (concrete(s) for s in wh.meta["val"].shape)
-        tile_rows = planes.meta["val"].shape[-2]
-        tile_rows = tile_rows if isinstance(tile_rows, int) else None
         tile = decode.args[-3]
-        if not stl_gemm.fused_is_faster(kt * tile, mt * tile, rank, tile_rows,
-                                        wh.meta["val"].device.type):
+        if not fused_is_faster(kt * tile, mt * tile, rank):
             continue
         if decode.target is stl.decode.default:
             encoded, d, tile, rows, cols = decode.args

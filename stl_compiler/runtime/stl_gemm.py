@@ -19,7 +19,6 @@ it in graphs where it measured faster.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -29,46 +28,6 @@ from . import ops
 
 #: Largest rank the kernel takes (its plane loop is unrolled for the tensor-core decode).
 MAX_RANK = 64
-
-
-@dataclass(frozen=True)
-class FusedRegion:
-    """Where ``encode → gemm_decode`` measured faster than ``encode → bmm → decode_epilogue``:
-    inclusive ranges of in_features, out_features, rank and tile-rows (all batch entries of
-    the call together), on one device type."""
-
-    in_features: tuple[int, int]
-    out_features: tuple[int, int]
-    ranks: tuple[int, int]
-    tile_rows: tuple[int, int] = (1, 2**62)
-    device_type: str = "cuda"
-
-    def contains(self, k: int, m: int, rank: int, tile_rows: int | None,
-                 device_type: str) -> bool:
-        rows_ok = (self.tile_rows == FusedRegion.tile_rows if tile_rows is None
-                   else self.tile_rows[0] <= tile_rows <= self.tile_rows[1])
-        return (device_type == self.device_type and rows_ok
-                and self.in_features[0] <= k <= self.in_features[1]
-                and self.out_features[0] <= m <= self.out_features[1]
-                and self.ranks[0] <= rank <= self.ranks[1])
-
-
-#: Where the fused op measured faster (``benchmarks/bench_stl_gemm.py``, CUDA-graph replays).
-#: Prefill sizes: none. Measured 2026-12-03 on an NVIDIA H200 (torch 2.11, Triton 3.6), bf16,
-#: t = 4, r = 24, at 8224×1280→5120, 8224×5120→1280, 8224×1280→1280, 4096×1152→4608,
-#: 16384×1024→4096, 4096×4096→4096 and 8192×4096→14336: the fused path took 4.0–6.4× the
-#: unfused path's time at every shape (its kernel ran at 0.07–0.14 of the bmm's speed, bound by
-#: L2 traffic: each small output block re-reads r operand panels).
-FUSED_FASTER: tuple[FusedRegion, ...] = ()
-
-
-def fused_is_faster(in_features: int, out_features: int, rank: int, tile_rows: int | None,
-                    device_type: str) -> bool:
-    """Whether ``stl::gemm_decode`` measured faster than the unfused path for this layer and
-    call size on this device type (``tile_rows`` None: unknown, e.g. a dynamic shape, which
-    only a region covering every size matches)."""
-    return any(region.contains(in_features, out_features, rank, tile_rows, device_type)
-               for region in FUSED_FASTER)
 
 
 def check_gemm_decode(xh: Tensor, wh: Tensor, d: Tensor, activation: str, tile: int,

@@ -37,14 +37,6 @@ CASES = [
     ((), 17, 3, 5, 24, 2, 3, "relu", True),
 ]
 
-#: Decode-size calls (P = batch · a ≤ SKINNY_ROWS tile-rows): one sequence, a few, P past 16
-#: (two 16-row blocks), rank 49 (plane ranges uneven), partial tiles, batch dims.
-SKINNY_CASES = [
-    ((), 1, 7, 9, 24, 1, 2, "gelu", True),
-    ((3,), 2, 17, 18, 16, 0, 0, "none", False),
-    ((2, 3), 3, 5, 20, 49, 3, 1, "silu", True),
-]
-
 
 def _load_interpreted() -> ModuleType:
     """The ``gemm_decode`` module of a copy of the kernel package decorated under
@@ -131,40 +123,6 @@ class TestInterpreted:
         case = ((), 2, 3, 5, 24, 1, 3, activation, True)
         args = _operands(case, torch.float32, "cpu")
         _check(impl.gemm_decode(*args), _reference(args), torch.float32)
-
-    @pytest.mark.parametrize("split", [1, 3, 24])
-    @pytest.mark.parametrize("case", SKINNY_CASES,
-                             ids=lambda c: f"{len(c[0])}b{c[1]}x{c[2]}x{c[3]}r{c[4]}")
-    def test_decode_size_launch(self, impl, monkeypatch, case, split):
-        """The decode-size launch at forced splits of the (plane, K-step) loop (1: no
-        workspace; 3: ranges ending inside a plane; 24: some programs past the last step)."""
-        _poison(impl, monkeypatch)
-        monkeypatch.setattr(impl, "step_split", lambda *a: split)
-        args = _operands(case, torch.float32, "cpu")
-        _check(impl.gemm_decode(*args, skinny=True), _reference(args), torch.float32)
-
-    def test_decode_size_launch_bf16_default(self, impl, monkeypatch):
-        """A decode-size call takes the split launch by itself (the interpreter's 2 pretend
-        multiprocessors ask for a split here) and rounds like the composite in bf16."""
-        _poison(impl, monkeypatch)
-        case = ((3,), 1, 160, 8, 24, 2, 0, "silu", True)
-        args = _operands(case, torch.bfloat16, "cpu")
-        assert impl.step_split(3, 160, 8, 24, 2, impl.INTERPRETER_SMS) > 1
-        _check(impl.gemm_decode(*args), _reference(args), torch.bfloat16)
-
-    def test_step_split(self, impl):
-        """Decode-size splits at Llama-3-8B shapes on 132 multiprocessors: several programs
-        per block for one sequence (more for the narrow down projection), none when the
-        partials would cost more than the budget, never more programs than K steps."""
-        up, down = (1024, 3584), (3584, 1024)
-        assert impl.step_split(1, *up, 24, 2, 132) > 1
-        assert impl.step_split(1, *down, 24, 2, 132) > impl.step_split(1, *up, 24, 2, 132)
-        assert impl.step_split(64, *up, 24, 2, 132) == 1
-        for p_rows in (1, 2, 8, 16, 64):
-            for rank in (16, 24, 49):
-                for kt, mt in (up, down, (64, 4096)):
-                    split = impl.step_split(p_rows, kt, mt, rank, 2, 132)
-                    assert 1 <= split <= rank * -(-kt // 128)
 
     def test_op_takes_the_kernel(self, impl, monkeypatch):
         """The op's body launches the kernel on tensors of the kernel's device (CPU for this
@@ -269,33 +227,6 @@ class TestCUDA:
         _poison(impl, monkeypatch)
         args = _operands(case, dtype, "cuda")
         _check(impl.gemm_decode(*args, config=config), _reference(args), dtype)
-
-    @pytest.mark.parametrize("config", [None, (16, 32, 64, 4, 4), (64, 16, 64, 4, 4)],
-                             ids=str)
-    @pytest.mark.parametrize("case", SKINNY_CASES + [((8,), 1, 1024, 1024, 24, 0, 0, "none",
-                                                      True)],
-                             ids=lambda c: f"{len(c[0])}b{c[1]}x{c[2]}x{c[3]}r{c[4]}")
-    def test_decode_size_launch(self, monkeypatch, case, config):
-        impl = stl_gemm.kernel_module()
-        _poison(impl, monkeypatch)
-        args = _operands(case, torch.bfloat16, "cuda")
-        _check(impl.gemm_decode(*args, config=config, skinny=True), _reference(args),
-               torch.bfloat16)
-
-    def test_decode_size_cuda_graph(self):
-        """The split launch (workspace + reduce kernel) captured and replayed."""
-        args = _operands(((4,), 1, 1024, 512, 24, 0, 0, "gelu", True), torch.bfloat16, "cuda")
-        impl = stl_gemm.kernel_module()
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        assert impl.step_split(4, 1024, 512, 24, 2, sms) > 1
-        xh = args[0].clone()
-        torch.ops.stl.gemm_decode(xh, *args[1:])  # autotune outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = torch.ops.stl.gemm_decode(xh, *args[1:])
-        xh.copy_(torch.randn_like(xh))
-        graph.replay()
-        _check(out, _reference((xh, *args[1:])), torch.bfloat16)
 
     def test_op_autotuned(self):
         args = _operands(((4,), 257, 320, 160, 24, 0, 0, "none", True), torch.bfloat16, "cuda")

@@ -18,17 +18,6 @@ decode kernels), turns tile vectors into the plain ``(4·BM, 4·BN)`` block and 
 cropped to ``rows × cols`` (the encoded tile-rows of all batch entries are one axis of P = B·a
 tile-rows; a tile-row's batch entry and row follow from ``a``).
 
-**Decode-size calls** (at most ``SKINNY_ROWS`` tile-rows: a decoding step's few sequences)
-are memory-bound: the kernel streams the encoded weight once, and the time is its bytes over
-the bandwidth. One or a few blocks then cover every tile-row, so a layer has about
-``⌈(M/t)/BN⌉`` blocks, too few to keep the memory system busy (64 programs at M = 4096).
-The launcher then splits the flat (plane, K-step) loop over ``split`` programs per block
-(grid axis 1; decode is linear, so a program decodes its partial products of a plane as
-well as whole ones): each writes its partial decoded block to an fp32 workspace
-``(split, P, M/t, t²)``, and ``_split_reduce_kernel`` sums the partials in a fixed order
-(deterministic, no atomics) and applies the epilogue. The split is chosen from the shape
-only (:func:`step_split`), so the launch is fixed per traced shape (CUDA-graph safe).
-
 The launcher works on CUDA tensors, and on CPU tensors when this package was imported under
 ``TRITON_INTERPRET=1`` (``tests/runtime/test_stl_gemm.py``). It launches through
 ``torch.library.wrap_triton``, so under torch.compile Inductor launches the kernel itself.
@@ -61,25 +50,6 @@ CONFIG_SHAPES = [
 #: The config the interpreter (and an explicit ``config=None`` on CPU) uses: small blocks, so
 #: tests cover several blocks and block remainders at small sizes.
 INTERPRETER_CONFIG = (16, 16, 16, 4, 1, "fma")
-
-#: Calls with at most this many tile-rows (all batch entries together) take the decode-size
-#: launch: FMA decode, the (plane, K) loop split over programs. Its autotuner candidates, keyed
-#: by the exact tile-row count: (BM, BN, BK, num_warps, num_stages); wide BN reads long rows of
-#: the N-contiguous encoded weight; BM = 16 with P > 16 gives more programs that re-read the
-#: weight panel from L2.
-SKINNY_ROWS = 64
-SKINNY_CONFIG_SHAPES = [
-    (16, 64, 64, 4, 4), (16, 64, 128, 4, 3), (16, 128, 64, 8, 3), (16, 128, 32, 8, 4),
-    (16, 32, 128, 4, 4), (32, 64, 64, 4, 3), (64, 64, 64, 8, 3),
-]
-#: The interpreter's decode-size config.
-INTERPRETER_SKINNY_CONFIG = (16, 16, 16, 4, 1)
-#: Decode-size launches aim at this many programs per multiprocessor (bytes in flight), and
-#: keep the partial sums' workspace traffic below 1/PARTIAL_BUDGET of the weight's bytes.
-SKINNY_PROGRAMS_PER_SM = 4
-PARTIAL_BUDGET = 8
-#: Multiprocessors the interpreter pretends to have (small, so tests split small layers).
-INTERPRETER_SMS = 2
 
 
 def _config(shape: tuple) -> triton.Config:
@@ -121,17 +91,16 @@ def _plane_gemm(xh_ptr, wh_ptr, p, offs_i, offs_j, P, KT, MT, sx_p, sx_i, sx_k, 
 
 
 @triton.jit
-def _fma_step(acc, out3, step, last, n_k, x_ptrs, w_ptrs, d_ptr, offs_i, offs_j, offs_k, P,
-              KT, MT, sx_p, sx_k, sw_p, sw_k, T: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    """Step ``step`` of the flat (plane, K) loop, which ends before ``last``; after a plane's
-    last K step (or the loop's last step) the block is decoded into ``out3`` on the CUDA cores
-    and ``acc`` restarts."""
+def _fma_step(acc, out3, step, n_k, x_ptrs, w_ptrs, d_ptr, offs_i, offs_j, offs_k, P, KT, MT,
+              sx_p, sx_k, sw_p, sw_k, T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BK: tl.constexpr, IEEE: tl.constexpr):
+    """Step ``step`` of the flat (plane, K) loop; after a plane's last K step its block is
+    decoded into ``out3`` on the CUDA cores and ``acc`` restarts."""
     p = step // n_k
     k0 = (step - p * n_k) * BK
     acc = _k_step(acc, x_ptrs + p * sx_p, w_ptrs + p * sw_p, k0, offs_i, offs_j, offs_k, P, KT,
                   MT, sx_k, sw_k, IEEE)
-    if (step - p * n_k == n_k - 1) | (step == last - 1):
+    if step - p * n_k == n_k - 1:
         d_p = tl.load(d_ptr + p * (T * T) + tl.arange(0, T * T)).to(tl.float32)
         out3 += acc[:, :, None] * d_p[None, None, :]
         acc = tl.full((BM, BN), 0.0, tl.float32)
@@ -154,13 +123,10 @@ def _stack16(v):
 def _gemm_decode_kernel(xh_ptr, wh_ptr, d_ptr, bias_ptr, out_ptr,
                         P, A, KT, MT, ROWS, COLS, NBIAS, scale,
                         sx_p, sx_i, sx_k, sw_p, sw_k, sw_j,
-                        N_SPLIT, R: tl.constexpr, T: tl.constexpr, ACT: tl.constexpr,
+                        R: tl.constexpr, T: tl.constexpr, ACT: tl.constexpr,
                         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GROUP_M: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        DECODE: tl.constexpr, SPLIT: tl.constexpr):
-    """With SPLIT, program (·, s) runs the s-th of N_SPLIT ranges of the flat (plane, K-step)
-    loop and stores its fp32 partial block into ``out_ptr`` (the workspace); otherwise all
-    planes and the epilogue."""
+                        DECODE: tl.constexpr):
     dtype = xh_ptr.dtype.element_ty
     # Grouped block order: GROUP_M block-rows share each Wh column panel while it is in L2.
     pid = tl.program_id(0)
@@ -196,58 +162,23 @@ def _gemm_decode_kernel(xh_ptr, wh_ptr, d_ptr, bias_ptr, out_ptr,
         x_ptrs = xh_ptr + offs_i[:, None] * sx_i + offs_k[None, :] * sx_k
         w_ptrs = wh_ptr + offs_k[:, None] * sw_k + offs_j[None, :] * sw_j
         n_k = (KT + BK - 1) // BK
-        first, last = 0, R * n_k
-        if SPLIT:
-            per_program = (R * n_k + N_SPLIT - 1) // N_SPLIT
-            first = tl.program_id(1) * per_program
-            last = tl.minimum(first + per_program, R * n_k)
         acc = tl.full((BM, BN), 0.0, tl.float32)
         if INTERPRETED:  # the interpreter's scalar arguments cannot bound a range()
-            step = first
-            while step < last:
-                acc, out3 = _fma_step(acc, out3, step, last, n_k, x_ptrs, w_ptrs, d_ptr, offs_i,
+            step = 0
+            while step < R * n_k:
+                acc, out3 = _fma_step(acc, out3, step, n_k, x_ptrs, w_ptrs, d_ptr, offs_i,
                                       offs_j, offs_k, P, KT, MT, sx_p, sx_k, sw_p, sw_k, T,
                                       BM, BN, BK, IEEE)
                 step += 1
         else:
-            for step in range(first, last):
-                acc, out3 = _fma_step(acc, out3, step, last, n_k, x_ptrs, w_ptrs, d_ptr, offs_i,
+            for step in range(0, R * n_k):
+                acc, out3 = _fma_step(acc, out3, step, n_k, x_ptrs, w_ptrs, d_ptr, offs_i,
                                       offs_j, offs_k, P, KT, MT, sx_p, sx_k, sw_p, sw_k, T,
                                       BM, BN, BK, IEEE)
         out = tl.reshape(out3, (BM * BN, T * T))
 
-    if SPLIT:
-        _store_partial(out_ptr, out, tl.program_id(1), offs_i, offs_j, P, MT, T, BM, BN)
-    else:
-        _epilogue_store(out_ptr, out, bias_ptr, pid_m, pid_n, offs_i, offs_j, P, A, ROWS, COLS,
-                        NBIAS, scale, T, BM, BN, ACT, HAS_BIAS)
-
-
-@triton.jit
-def _partial_offsets(split, offs_i, offs_j, P, MT, T: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr):
-    """Offsets and mask of block (offs_i, offs_j) of the workspace ``(split, P, MT, t²)``."""
-    q = tl.arange(0, T * T)
-    offs = (((split * P + offs_i[:, None, None]) * MT + offs_j[None, :, None]) * (T * T)
-            + q[None, None, :])
-    mask = (offs_i < P)[:, None, None] & (offs_j < MT)[None, :, None]
-    return tl.reshape(offs, (BM * BN, T * T)), tl.reshape(mask, (BM * BN, 1))
-
-
-@triton.jit
-def _store_partial(ws_ptr, out, split, offs_i, offs_j, P, MT, T: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr):
-    offs, mask = _partial_offsets(split, offs_i, offs_j, P, MT, T, BM, BN)
-    tl.store(ws_ptr + offs, out, mask=mask)
-
-
-@triton.jit
-def _epilogue_store(out_ptr, out, bias_ptr, pid_m, pid_n, offs_i, offs_j, P, A, ROWS, COLS,
-                    NBIAS, scale, T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Bias, activation and scale on the decoded tile vectors ``out (BM*BN, t²)`` (fp32), then
-    the plain ``(t·BM, t·BN)`` block stored cropped to ``ROWS × COLS`` per batch entry."""
-    # Block rows are global tile-rows here, so the row mask (off) is left to the store.
+    # bias, activation, scale on tile vectors; block rows are global tile-rows here, so the
+    # row mask (off) is left to the store.
     y = tile_epilogue(out, bias_ptr, pid_m, pid_n, NBIAS, 0, 0, scale, T, BM, BN, ACT,
                        HAS_BIAS, False)
     y = tl.reshape(tl.permute(tl.reshape(y, (BM, BN, T, T)), (0, 2, 1, 3)), (BM * T, BN * T))
@@ -261,26 +192,6 @@ def _epilogue_store(out_ptr, out, bias_ptr, pid_m, pid_n, offs_i, offs_j, P, A, 
              mask=row_ok[:, None] & (cols < COLS)[None, :])
 
 
-@triton.jit
-def _split_reduce_kernel(ws_ptr, bias_ptr, out_ptr, P, A, MT, ROWS, COLS, NBIAS, scale, N_SPLIT,
-                         T: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr):
-    """Sum the ``N_SPLIT`` partial blocks of the workspace in split order, then the epilogue."""
-    n_n = (MT + BN - 1) // BN
-    pid_m = tl.program_id(0) // n_n
-    pid_n = tl.program_id(0) % n_n
-    offs_i = pid_m * BM + tl.arange(0, BM)
-    offs_j = pid_n * BN + tl.arange(0, BN)
-    out = tl.full((BM * BN, T * T), 0.0, tl.float32)
-    split = 0
-    while split < N_SPLIT:
-        offs, mask = _partial_offsets(split, offs_i, offs_j, P, MT, T, BM, BN)
-        out += tl.load(ws_ptr + offs, mask=mask, other=0.0)
-        split += 1
-    _epilogue_store(out_ptr, out, bias_ptr, pid_m, pid_n, offs_i, offs_j, P, A, ROWS, COLS,
-                    NBIAS, scale, T, BM, BN, ACT, HAS_BIAS)
-
-
 @functools.cache
 def _autotuned(decode: str | None):
     """The kernel autotuned over the configs of one decode kind (None: all of them), keyed by
@@ -290,48 +201,15 @@ def _autotuned(decode: str | None):
                            key=["KT", "MT", "R", "ACT", "HAS_BIAS"])(_gemm_decode_kernel)
 
 
-@functools.cache
-def _skinny_autotuned():
-    """The decode-size launch autotuned over SKINNY_CONFIG_SHAPES (the split and the planes
-    per program come from the launcher and are part of the key, as the tile-row count P)."""
-    configs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
-               for bm, bn, bk, warps, stages in SKINNY_CONFIG_SHAPES]
-    return triton.autotune(configs, key=["P", "KT", "MT", "R", "ACT", "HAS_BIAS",
-                                         "N_SPLIT"])(_gemm_decode_kernel)
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if INTERPRETED:
-        return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def step_split(p_rows: int, kt: int, mt: int, rank: int, itemsize: int, sms: int) -> int:
-    """Programs per column block of a decode-size launch: enough for SKINNY_PROGRAMS_PER_SM
-    programs per multiprocessor (at BN = 64), as long as writing and reading the fp32 partials
-    costs under 1/PARTIAL_BUDGET of the encoded weight's bytes; at most one per 128-wide K
-    step of the (plane, K) loop."""
-    blocks = triton.cdiv(mt, 64)
-    wanted = triton.cdiv(SKINNY_PROGRAMS_PER_SM * sms, blocks)
-    partial_bytes = 2 * p_rows * mt * 16 * 4
-    affordable = rank * kt * mt * itemsize // (PARTIAL_BUDGET * partial_bytes)
-    return max(1, min(wanted, affordable, rank * triton.cdiv(kt, 128)))
-
-
 def gemm_decode(xh: Tensor, wh: Tensor, d: Tensor, bias: Tensor | None, activation: str,
                 scale: float, tile: int, rows: int, cols: int,
-                config: tuple | None = None, decode: str | None = None,
-                skinny: bool | None = None) -> Tensor:
+                config: tuple | None = None, decode: str | None = None) -> Tensor:
     """``stl::gemm_decode`` on the device: ``xh (r, *b, a, K/t)``, ``wh (r, K/t, M/t)`` →
     ``scale * act(decode(xh @ wh, d) + bias)`` cropped to ``(*b, rows, cols)``.
 
     ``config``: an explicit ``CONFIG_SHAPES``-style tuple instead of the autotuner (the
-    interpreter always takes one); ``decode``: autotune only over that decode kind;
-    ``skinny``: force (True) or forbid (False) the decode-size launch, which by default (None)
-    takes autotuned calls of at most SKINNY_ROWS tile-rows (with ``skinny=True``, ``config``
-    is a SKINNY_CONFIG_SHAPES tuple; the split follows from the shape). Arguments are checked
-    by the caller (:mod:`.stl_gemm`).
+    interpreter always takes one); ``decode``: autotune only over that decode kind.
+    Arguments are checked by the caller (:mod:`.stl_gemm`).
     """
     rank, *batch, a, kt = xh.shape
     mt = wh.shape[-1]
@@ -341,65 +219,25 @@ def gemm_decode(xh: Tensor, wh: Tensor, d: Tensor, bias: Tensor | None, activati
     x3 = xh.reshape(rank, -1, kt)  # a view for the contiguous encode output
     p_rows = x3.shape[1]
     d = d.contiguous()
-    bias_arg = common.optional(bias, d)
-    sizes = (p_rows, a, kt, mt, rows, cols, 0 if bias is None else bias.shape[0], float(scale))
+    args = (x3, wh, d, common.optional(bias, d), out, p_rows, a, kt, mt, rows, cols,
+            0 if bias is None else bias.shape[0], float(scale), *x3.stride(), *wh.stride())
     meta = dict(R=rank, T=tile, ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None,
                 IEEE=xh.dtype == torch.float32, GROUP_M=8)
-    if skinny is None:  # a SymInt row count (dynamic shapes) takes the general launch
-        skinny = config is None and isinstance(p_rows, int) and p_rows <= SKINNY_ROWS
-    if skinny:
-        _skinny_launch(x3, wh, d, bias_arg, out, sizes, meta, config)
-        return out
-    args = (x3, wh, d, bias_arg, out, *sizes, *x3.stride(), *wh.stride(), 1)
     if config is None and INTERPRETED:
         config = INTERPRETER_CONFIG
     if config is None:
         kernel = _autotuned(decode)
         grid = lambda m: (triton.cdiv(p_rows, m["BM"]) * triton.cdiv(mt, m["BN"]),)  # noqa: E731
-        wrap_triton(kernel)[grid](*args, **meta, SPLIT=False)
+        wrap_triton(kernel)[grid](*args, **meta)
     else:
         bm, bn, bk, warps, stages, kind = config
         grid = (triton.cdiv(p_rows, bm) * triton.cdiv(mt, bn),)
         wrap_triton(_gemm_decode_kernel)[grid](*args, **meta, BM=bm, BN=bn, BK=bk,
-                                               DECODE=DECODES[kind], SPLIT=False,
-                                               num_warps=warps, num_stages=stages)
+                                               DECODE=DECODES[kind], num_warps=warps,
+                                               num_stages=stages)
     return out
 
 
-def _skinny_launch(x3: Tensor, wh: Tensor, d: Tensor, bias_arg: Tensor, out: Tensor,
-                   sizes: tuple, meta: dict, config: tuple | None) -> None:
-    """The decode-size launch (module docstring): planes split over programs when that adds
-    enough programs, partials summed by ``_split_reduce_kernel``."""
-    rank, p_rows, kt = x3.shape
-    mt = wh.shape[-1]
-    split = step_split(p_rows, kt, mt, rank, x3.element_size(), _multiprocessors(x3.device))
-    target = out
-    if split > 1:
-        target = torch.empty((split, p_rows, mt, meta["T"] ** 2), dtype=torch.float32,
-                             device=x3.device)
-    args = (x3, wh, d, bias_arg, target, *sizes, *x3.stride(), *wh.stride(), split)
-    meta = dict(meta, DECODE=DECODES["fma"], SPLIT=split > 1)
-    if config is None and INTERPRETED:
-        config = INTERPRETER_SKINNY_CONFIG
-    if config is None:
-        grid = lambda m: (triton.cdiv(p_rows, m["BM"]) * triton.cdiv(mt, m["BN"]),  # noqa: E731
-                          split)
-        wrap_triton(_skinny_autotuned())[grid](*args, **meta)
-    else:
-        bm, bn, bk, warps, stages = config
-        grid = (triton.cdiv(p_rows, bm) * triton.cdiv(mt, bn), split)
-        wrap_triton(_gemm_decode_kernel)[grid](*args, **meta, BM=bm, BN=bn, BK=bk,
-                                               num_warps=warps, num_stages=stages)
-    if split > 1:
-        p_rows, a, _, _, rows, cols, nbias, scale = sizes
-        reduce_grid = (triton.cdiv(p_rows, 16) * triton.cdiv(mt, 32),)
-        wrap_triton(_split_reduce_kernel)[reduce_grid](
-            target, bias_arg, out, p_rows, a, mt, rows, cols, nbias, scale, split,
-            T=meta["T"], ACT=meta["ACT"], HAS_BIAS=meta["HAS_BIAS"], BM=16, BN=32,
-            num_warps=4)
-
-
-def best_config(decode: str | None = None, skinny: bool = False) -> dict:
+def best_config(decode: str | None = None) -> dict:
     """The autotuner's choice per key so far (for the benchmark's record)."""
-    tuner = _skinny_autotuned() if skinny else _autotuned(decode)
-    return {str(k): str(v) for k, v in tuner.cache.items()}
+    return {str(k): str(v) for k, v in _autotuned(decode).cache.items()}
