@@ -215,6 +215,13 @@ def compare_ranks(ranks: list[int], init: nn.Module, dense: nn.Module, row_group
 
     if jobs <= 1:
         return {rank: one_rank(rank) for rank in ranks}
+    if torch.cuda.is_available():
+        # measured on an H200: the forked workers die in their first backward
+        raise SystemExit("--jobs > 1 forks worker processes, which PyTorch's autograd does not "
+                         "support on a CUDA machine once a backward has run (the dense "
+                         "model's training did). Run one process per rank instead, e.g. "
+                         "`for r in 16 24 32; do python examples/digits_vit.py --ranks $r "
+                         "--out digits_r$r.json & done; wait`")
     global _RANK_JOB
     _RANK_JOB = one_rank  # forked workers inherit it; closures do not pickle
     with multiprocessing.get_context("fork").Pool(min(jobs, len(ranks))) as pool:

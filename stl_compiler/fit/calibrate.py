@@ -191,7 +191,16 @@ def _rel_error(layer: STLLinear, data: _LayerData) -> float:
     return (num / max(den, 1e-300)) ** 0.5
 
 
-def _ridge_solve(gram: Tensor, rhs: Tensor, ridge: float = 1e-8) -> Tensor:
+#: The default of ``calibrate(ridge=...)``: Tikhonov weight relative to the mean diagonal of each
+#: least-squares Gram matrix. 1e-8 (a numerical guard only) let the encoded weight of layers
+#: with near-degenerate inputs grow large (|entries| 73 on the digits ViT's first qkv at r=16):
+#: exact in fp32, but in bf16 those weights cancel badly (r=16 calibrated accuracy 88.7% in fp32,
+#: 29.8% in bf16). 1e-4 bounds them (|entries| 4.3) and measured better in fp32 too (91.3%; r=24
+#: 95.3 → 96.4%, bf16 92.0 → 96.2%); 1e-2 costs accuracy (docs/quality.md, "Calibration ridge").
+DEFAULT_RIDGE = 1e-4
+
+
+def _ridge_solve(gram: Tensor, rhs: Tensor, ridge: float) -> Tensor:
     scale = float(gram.diagonal().mean().clamp_min(1e-300))
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + ridge * scale * eye, rhs)
@@ -243,18 +252,18 @@ def row_support(layer: STLLinear, tol: float = 1e-6) -> tuple[Tensor, Tensor] | 
     return support_masks(layer, tol)
 
 
-def _masked_solve(gram: Tensor, rhs: Tensor, keep: Tensor | None) -> Tensor:
+def _masked_solve(gram: Tensor, rhs: Tensor, keep: Tensor | None, ridge: float) -> Tensor:
     """:func:`_ridge_solve` of ``gram x = rhs`` over the unknowns ``keep`` only (the others
     are 0); ``rhs`` is ``(n, 1)``."""
     if keep is None:
-        return _ridge_solve(gram, rhs)
+        return _ridge_solve(gram, rhs, ridge)
     x = rhs.new_zeros(rhs.shape)
     if bool(keep.any()):
-        x[keep] = _ridge_solve(gram[keep][:, keep], rhs[keep])
+        x[keep] = _ridge_solve(gram[keep][:, keep], rhs[keep], ridge)
     return x
 
 
-def _solve_weight(xh: Tensor, d: Tensor, data: _LayerData) -> Tensor:
+def _solve_weight(xh: Tensor, d: Tensor, data: _LayerData, ridge: float) -> Tensor:
     """Least-squares encoded weight ``(r, Kt, Mt)`` given encoded inputs and decoder."""
     r, _, kt = xh.shape
     gram = xh.new_zeros(r * kt, r * kt)
@@ -267,10 +276,10 @@ def _solve_weight(xh: Tensor, d: Tensor, data: _LayerData) -> Tensor:
     rhs = torch.einsum("pnl,pnj->plj", xh, e).reshape(r * kt, -1)
     dist_.all_reduce_sum(gram)
     dist_.all_reduce_sum(rhs)
-    return _ridge_solve(gram, rhs).reshape(r, kt, -1)
+    return _ridge_solve(gram, rhs, ridge).reshape(r, kt, -1)
 
 
-def _solve_decoder(xh: Tensor, wh: Tensor, data: _LayerData, tile: int,
+def _solve_decoder(xh: Tensor, wh: Tensor, data: _LayerData, tile: int, ridge: float,
                    support: Tensor | None = None) -> Tensor:
     """Least-squares decoder ``(r, t²)`` given encoded inputs and weight; with ``support``
     (bool ``(r, t²)``) only those entries are solved for, the others are 0."""
@@ -282,7 +291,8 @@ def _solve_decoder(xh: Tensor, wh: Tensor, data: _LayerData, tile: int,
     dist_.all_reduce_sum(gram)
     dist_.all_reduce_sum(rhs)
     return torch.stack([_masked_solve(gram[c // tile], rhs[:, c:c + 1],
-                                      None if support is None else support[:, c])[:, 0]
+                                      None if support is None else support[:, c],
+                                      ridge)[:, 0]
                         for c in range(tile * tile)], dim=1)
 
 
@@ -339,7 +349,8 @@ def row_separable_basis(tile: int, rank: int, generator: torch.Generator | None 
 
 def calibrate_layer(layer: STLLinear, inputs: list[Tensor], targets: list[Tensor],
                     steps: int = 4, *, name: str = "layer",
-                    restart: tuple[Tensor, Tensor] | None = None, progress: bool = False
+                    restart: tuple[Tensor, Tensor] | None = None, progress: bool = False,
+                    ridge: float = DEFAULT_RIDGE
                     ) -> tuple[float, float]:
     """Fit one STL layer, in place, so that ``layer(inputs[i])`` approaches ``targets[i]``:
     the per-layer step of :func:`calibrate` (closed-form encoded weight, then ``steps``
@@ -360,10 +371,12 @@ def calibrate_layer(layer: STLLinear, inputs: list[Tensor], targets: list[Tensor
         restart: ``(ex, d)`` to restart from (e.g. :func:`row_separable_basis`); the layer as
             it is stays the best candidate until an iterate beats it.
         progress: show a progress bar on stderr.
+        ridge: relative Tikhonov weight of the least-squares solves (as in :func:`calibrate`).
 
     In a torch.distributed job every rank calls it with its own inputs and targets: the sums
     are all-reduced, so every rank computes the same fit.
     """
+    check_ridge(ridge)
     data = _LayerData(layer, inputs, targets)
     bar = Progress(max(steps, 1), f"calibrate {name}", progress)
     before = _rel_error(layer, data)
@@ -383,7 +396,7 @@ def calibrate_layer(layer: STLLinear, inputs: list[Tensor], targets: list[Tensor
         with torch.no_grad():
             ex, d = layer.ex.detach().double(), layer.d.detach().double()
             xh = data.encoded(ex, t)
-            wh = _solve_weight(xh, d, data)
+            wh = _solve_weight(xh, d, data, ridge)
             if not bool(torch.isfinite(wh).all()):  # identical on every rank (all-reduced)
                 diverged = True
                 break
@@ -392,7 +405,7 @@ def calibrate_layer(layer: STLLinear, inputs: list[Tensor], targets: list[Tensor
             if err < best[0]:
                 best = (err, [p.detach().clone() for p in params])
             if steps > 0:
-                new_d = _solve_decoder(xh, wh, data, t, d_support)
+                new_d = _solve_decoder(xh, wh, data, t, ridge, d_support)
                 if not bool(torch.isfinite(new_d).all()):
                     diverged = True
                     break
@@ -414,10 +427,17 @@ def calibrate_layer(layer: STLLinear, inputs: list[Tensor], targets: list[Tensor
     return before, err
 
 
+def check_ridge(ridge: object) -> None:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 \
+            or not math.isfinite(ridge):
+        raise ValueError(f"ridge must be a finite number >= 0 (relative Tikhonov weight; "
+                         f"default {DEFAULT_RIDGE}), got {ridge!r}")
+
+
 def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
               teacher: nn.Module | None = None, target: str = "layer",
               basis: str = "converted", seed: int = 0, shard: str = "batches",
-              progress: bool = True) -> CalibrationTable:
+              progress: bool = True, ridge: float = DEFAULT_RIDGE) -> CalibrationTable:
     """Fit every STL layer of ``module`` to the dense layer it replaced, on real inputs.
 
     Layers are calibrated one at a time in forward order, each on the inputs it receives
@@ -467,6 +487,11 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
             that is not a multiple of the tile changes which sequences share a tile) or
             ``"local"`` (the batches are already this rank's own). Ignored in one process.
         progress: show a progress bar per layer on stderr (rank 0 only).
+        ridge: Tikhonov regularization of the least-squares solves (encoded weight and
+            decoder), relative to the mean diagonal of each Gram matrix. The default 1e-4
+            keeps the encoded weight bounded where a layer's inputs are nearly degenerate,
+            which a bf16 / fp16 deployment needs (large weights that cancel in fp32 do not
+            in bf16); 0 is the plain least-squares fit (singular inputs then fail).
 
     Returns:
         A :class:`CalibrationTable` of relative output errors before/after, per layer (over
@@ -483,6 +508,7 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    check_ridge(ridge)
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     if target == "teacher" and teacher is None:
@@ -538,7 +564,8 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
             if targets is None:
                 targets = _dense_targets(inputs, *refs[name])
             before, after = calibrate_layer(layer, inputs, targets, steps, name=name,
-                                            restart=restart, progress=progress and main)
+                                            restart=restart, progress=progress and main,
+                                            ridge=ridge)
             rows.append({"layer": name, "rank": layer.rank, "error_before": before,
                          "error_after": after})
     finally:

@@ -75,3 +75,11 @@ def test_bf16_cuda_needs_a_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         _common.bf16_cuda(lambda model: 0.0)
+
+
+def test_parallel_ranks_refused_on_a_cuda_machine(monkeypatch):
+    """Forked rank workers die in their first backward on a CUDA machine: a clear error first."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="one process per rank"):
+        _common.compare_ranks([24, 32], DigitsViT(), DigitsViT(), "tokens", lambda: iter(()),
+                              loss_fn, 1, [], [], lambda model: 0.0, ".2f", jobs=2)

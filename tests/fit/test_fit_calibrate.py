@@ -9,6 +9,8 @@ from torch import nn
 import stl_compiler as stl
 from stl_compiler.fit import calibrate
 
+calibrate_module = sys.modules["stl_compiler.fit.calibrate"]  # the package exports the function
+
 
 class Mlp(nn.Module):
     def __init__(self):
@@ -72,8 +74,15 @@ def test_calibrate_recovers_a_scrambled_exact_layer():
     layer = stl.STLLinear.from_linear(linear, stl.bases.strassen(4), keep_reference=True)
     with torch.no_grad():
         layer.weight_encoded.normal_()
-    table = calibrate(nn.Sequential(layer), [torch.randn(5, 20)], steps=0, progress=False)
+    scrambled = layer.weight_encoded.detach().clone()
+    x = torch.randn(5, 20)
+    # a (near) plain least-squares fit recovers the layer; the default ridge nearly so
+    table = calibrate(nn.Sequential(layer), [x], steps=0, progress=False, ridge=1e-8)
     assert table.rows[0]["error_after"] < 1e-5
+    with torch.no_grad():
+        layer.weight_encoded.copy_(scrambled)
+    table = calibrate(nn.Sequential(layer), [x], steps=0, progress=False)
+    assert table.rows[0]["error_after"] < 1e-3
 
 
 def test_calibrate_uses_the_teacher_and_explains_missing_references():
@@ -325,3 +334,42 @@ def test_support_masks_of_a_causal_layer_keep_any_update_causal():
     assert stl.tiling.is_causal(layer, tol=0.0)
     # the same basis under "tokens" grouping: nothing to preserve
     assert support_masks(stl.STLLinear.from_linear(nn.Linear(8, 8), basis)) is None
+
+
+def _near_degenerate(seed: int, n: int = 512, k: int = 64) -> torch.Tensor:
+    """Inputs of rank 8 plus 1e-4 noise: the least-squares solve can buy a little fp32 error
+    with large weights along the noise directions."""
+    mix = torch.randn(8, k, generator=torch.Generator().manual_seed(99))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, generator=gen) @ mix + 1e-4 * torch.randn(n, k, generator=gen)
+
+
+def test_ridge_keeps_the_encoded_weight_bounded_for_bf16():
+    """On nearly degenerate inputs the default ridge keeps the calibrated weight small, so the
+    layer run in bf16 stays near its float64 self on held-out inputs; the plain fit (1e-8)
+    grows weights that cancel in float64 but not in bf16. The fp32 fit is as good."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 48))
+    held_out = _near_degenerate(7)
+    results = {}
+    for ridge in (1e-8, calibrate_module.DEFAULT_RIDGE):
+        model = copy.deepcopy(dense)
+        stl.swap_linears_(model, stl.STLConfig(rank=16, min_dim=0, max_cost_ratio=None),
+                          keep_reference=True)
+        calibrate(model, [_near_degenerate(s) for s in range(4)], steps=2, progress=False,
+                  ridge=ridge)
+        with torch.no_grad():
+            exact = copy.deepcopy(model).double()(held_out.double())
+            bf16 = copy.deepcopy(model).bfloat16()(held_out.bfloat16()).double()
+            fit = float((exact - dense(held_out).double()).norm() / exact.norm())
+        results[ridge] = (float(model[0].weight_encoded.detach().abs().max()),
+                          float((bf16 - exact).norm() / exact.norm()), fit)
+    (big, drift_plain, fit_plain), (small, drift, fit_ridge) = results.values()
+    assert small < big / 3 and drift < 0.1 and drift < drift_plain / 3, results
+    assert fit_ridge < 1.05 * fit_plain, results
+
+
+@pytest.mark.parametrize("ridge", [-1e-4, float("nan"), float("inf"), "1e-4", True])
+def test_ridge_must_be_a_finite_non_negative_number(ridge):
+    with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+        calibrate(_stl_mlp(3), _batches(), progress=False, ridge=ridge)
