@@ -44,3 +44,18 @@ def test_bf16_drift_smoke(tmp_path):
     columns = {(r["model"], r["column"]) for r in rows}
     assert ("llama", "stl causal (default)") in columns and ("bert", "stl fitted-bf16") in columns
     assert all(r["half_vs_fp32"] > 0 and r["drift_x_dense"] > 0 for r in rows)
+
+
+@pytest.mark.timeout(300)
+def test_generation_speed_smoke(tmp_path):
+    """The speed step with grouped-query attention (--kv-heads) and one mode (--modes); the
+    smoke mode picks the sizes."""
+    _run("gpu_generation_check.py", tmp_path, "--skip", "exact", "rank24", "--kv-heads", "2",
+         "--modes", "eager")
+    report = json.loads((tmp_path / "gpu_generation.json").read_text())
+    assert report["model"]["kv_heads"] == 2
+    rows = {k: v for k, v in report["speed"].items() if k.startswith("batch")}
+    assert rows and all(k.endswith("_eager") for k in rows), rows
+    for row in rows.values():
+        assert set(row) == {"dense", "stl_r24", "stl_over_dense"}, row
+        assert row["stl_r24"]["tokens_per_s"] > 0 and row["stl_over_dense"] > 0
