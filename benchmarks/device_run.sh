@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call = one stage (each must end well inside the 10-minute limit):
-#   bash benchmarks/device_run.sh tests|mlp|model|passes|deploy|layer|strip|train|ort
+#   bash benchmarks/device_run.sh tests|mlp|model|passes|deploy|layer|strip|train|ort|decode|bf16examples
 # Writes logs and JSON under $OUT. Records the device, versions and commit first.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 STL_COMMIT="${STL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
@@ -21,5 +21,28 @@ case "$1" in
   strip)   timeout 300 python3 benchmarks/bench_row_strip.py 2>&1 | tee "$OUT/row_strip.log" ;;
   train)   timeout 400 python3 benchmarks/bench_train_step.py 2>&1 | tee "$OUT/train_step.log" ;;
   ort)     timeout 400 python3 benchmarks/bench_ort.py --profile ${STL_ORT_ARGS:-} 2>&1 | tee "$OUT/ort.log" ;;
+  decode)  timeout 240 python3 benchmarks/bench_decode_layer.py --out "$OUT" 2>&1 | tee "$OUT/decode_layer.log"
+           timeout 300 python3 benchmarks/gpu_generation_check.py --hidden 4096 --intermediate 14336 \
+             --heads 32 --kv-heads 8 --layers 4 --prompt 512 --new 128 --batches 1 32 --modes compiled \
+             --skip exact rank24 --out "$OUT" 2>&1 | tail -3 > "$OUT/generation_speed.log" ;;
+  # one process per rank: forked rank workers cannot run autograd on a CUDA machine
+  bf16examples)
+           for r in ${STL_RANKS:-16 24 32 40 48}; do
+             timeout 420 python3 examples/digits_vit.py --ranks "$r" --bf16-cuda \
+               --out "$OUT/digits_r$r.json" > "$OUT/digits_r$r.log" 2>&1 &
+           done; wait
+           python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+ranks, data = {}, {}
+for f in sorted(out.glob("digits_r*.json")):
+    data = json.loads(f.read_text()); ranks.update(data["ranks"])
+    f.unlink()  # one merged file: the device returns a limited number of files
+(out / "digits_bf16.json").write_text(json.dumps(
+    {"dense": data.get("dense"), "dense_extra": data.get("dense_extra"), "ranks": ranks},
+    indent=1))
+print(json.dumps(ranks))
+PY
+           ;;
   *) echo "unknown stage $1"; exit 2 ;;
 esac
