@@ -376,7 +376,7 @@ def calibrate_layer(layer: STLLinear, inputs: list[Tensor], targets: list[Tensor
     In a torch.distributed job every rank calls it with its own inputs and targets: the sums
     are all-reduced, so every rank computes the same fit.
     """
-    check_ridge(ridge)
+    _check_ridge(ridge)
     data = _LayerData(layer, inputs, targets)
     bar = Progress(max(steps, 1), f"calibrate {name}", progress)
     before = _rel_error(layer, data)
@@ -427,7 +427,7 @@ def calibrate_layer(layer: STLLinear, inputs: list[Tensor], targets: list[Tensor
     return before, err
 
 
-def check_ridge(ridge: object) -> None:
+def _check_ridge(ridge: object) -> None:
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 \
             or not math.isfinite(ridge):
         raise ValueError(f"ridge must be a finite number >= 0 (relative Tikhonov weight; "
@@ -508,7 +508,7 @@ def calibrate(module: nn.Module, batches: Iterable[object], *, steps: int = 4,
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    check_ridge(ridge)
+    _check_ridge(ridge)
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     if target == "teacher" and teacher is None:
