@@ -69,9 +69,10 @@ BENCHMARKS_MD = {
 WHERE = ("Where STL is faster: large matrices. One r=24 layer on an H200 runs 1.52x / 2.09x / "
          "2.27x cuBLAS at n = 4096 / 8192 / 16384 and 1.6-1.9x on LLM prefill shapes (hidden "
          "4096, 8192 tokens; docs/benchmarks.md, 2026-11-21, efb655c): LLM prefill, hidden >= "
-         "3k.\nWhere it is not (yet): mid-size models (hidden ~1k: 0.45-1.07x wall-clock on an "
-         "H200, 2026-12-03), decode "
-         "(a few rows per call), small layers (the cost guard keeps them dense).")
+         "3k.\nWhere it is not (yet): mid-size models (hidden ~1k: 0.76-1.07x wall-clock on an "
+         "H200, 0.90-0.95x with CUDA graphs, 2026-12-03), decode (0.58-0.63x dense tokens/s: "
+         "the encoded weight has 1.5x the bytes), small layers (the cost guard keeps them "
+         "dense).")
 
 
 def _section(title: str) -> None:
