@@ -26,7 +26,6 @@ Usage (CUDA machine): ``python benchmarks/bench_decode_layer.py [--rows 1 4 16 6
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,7 +34,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DTYPE, TILE, bench, copy_bandwidth, environment, graphed, print_env  # noqa: E402
+from _common import (  # noqa: E402  (after the path fix above)
+    DTYPE,
+    TILE,
+    bench,
+    copy_bandwidth,
+    environment,
+    graphed,
+    print_env,
+    write_json,
+)
 
 from stl_compiler.runtime import ops  # noqa: E402  (after the path fix above)
 
@@ -124,9 +132,7 @@ def main() -> None:
     print_env(env)
     rows = run(args.rows, args.rank)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decode_layer.json").write_text(json.dumps({"env": env, "rows": rows},
-                                                               indent=1))
+        write_json(args.out / "decode_layer.json", {"env": env, "rows": rows})
 
 
 if __name__ == "__main__":
