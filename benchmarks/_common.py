@@ -265,6 +265,26 @@ def gpu_kernel_ms(fn: Callable[[], object], device: torch.device, calls: int = 5
     return total_us / 1e3 / calls
 
 
+def kernel_breakdown(fn: Callable[[], object], device: torch.device, calls: int = 3,
+                     top: int = 30) -> list[dict] | None:
+    """The ``top`` GPU kernels of one call by total time: ``{"kernel", "ms", "launches"}`` per
+    call (torch.profiler over ``calls`` calls); None on CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:160], "ms": e.self_device_time_total / 1e3 / calls,
+             "launches": e.count / calls}
+            for e in prof.key_averages() if getattr(e, "self_device_time_total", 0.0) > 0]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def timing_row(fn: Callable[[], object], device: torch.device, runs: int) -> dict:
     """What every benchmark row reports: do_bench median, wall-clock, GPU-kernel time and the
     host overhead (wall - GPU kernel time, clipped at 0)."""

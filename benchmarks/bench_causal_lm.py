@@ -44,6 +44,7 @@ from _common import (  # noqa: E402  (after the path fix above)
     device_or_exit,
     environment,
     free_memory,
+    kernel_breakdown,
     out_dir,
     print_env,
     rel_error,
@@ -54,6 +55,12 @@ from _common import (  # noqa: E402  (after the path fix above)
 import stl_compiler as stl  # noqa: E402
 
 GROUPINGS = ("causal", "batch", "tokens")
+#: Extra "causal" columns with some projections left dense (``--variants``): which sites pay.
+VARIANTS = {
+    "dense-kv": {"*k_proj": "skip", "*v_proj": "skip"},
+    "dense-lm-head": {"lm_head": "skip"},
+    "dense-kv-lm-head": {"*k_proj": "skip", "*v_proj": "skip", "lm_head": "skip"},
+}
 
 
 def llama(args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -95,22 +102,30 @@ def prefill(args: argparse.Namespace, device: torch.device) -> list[dict]:
     model = llama(args, device)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     rows = []
+    columns = [(g, g, {}) for g in args.groupings] + [
+        (f"causal, {v}", "causal", VARIANTS[v]) for v in args.variants]
     with torch.no_grad():
         dense = torch.compile(model)
         entry, ref = row("dense [default]", partial(logits, dense, ids), device, args.runs, {})
+        if args.profile:
+            entry["kernels"] = kernel_breakdown(partial(logits, dense, ids), device)
         rows.append(entry)
         dense = None
-        for grouping in GROUPINGS:
-            name = f"STL r=24 {grouping} [default]"
+        for label, grouping, overrides in columns:
+            name = f"STL r=24 {label} [default]"
             try:
                 start = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    fast = stl.stl_compile(model, (ids,), stl_config(grouping),
+                    fast = stl.stl_compile(model, (ids,),
+                                           stl_config(grouping, overrides=overrides),
                                            dynamic_shapes=None)
                 convert_s = time.perf_counter() - start
                 entry, out = row(name, partial(logits, fast, ids), device, args.runs,
-                                 {"convert_s": convert_s, "grouping": grouping})
+                                 {"convert_s": convert_s, "grouping": grouping,
+                                  "dense_sites": sorted(overrides)})
+                if args.profile:
+                    entry["kernels"] = kernel_breakdown(partial(logits, fast, ids), device)
                 entry["rel_err_vs_dense"] = rel_error(out, ref)
                 entry["report_headline"] = [line for line in str(fast.stl_report).splitlines()
                                             if "row_grouping" in line or "causal" in line]
@@ -176,6 +191,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-rows", type=int, nargs="*", default=[1024, 4096, 8192])
     parser.add_argument("--parts", nargs="+", default=["prefill", "decode"],
                         choices=("prefill", "decode"))
+    parser.add_argument("--groupings", nargs="*", default=list(GROUPINGS), choices=GROUPINGS,
+                        help="prefill STL columns, one per row grouping")
+    parser.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                        help="extra prefill columns: causal grouping with these sites dense")
+    parser.add_argument("--profile", action="store_true",
+                        help="prefill: record each column's top GPU kernels (torch.profiler)")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")

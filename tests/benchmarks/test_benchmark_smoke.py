@@ -59,3 +59,15 @@ def test_generation_speed_smoke(tmp_path):
     for row in rows.values():
         assert set(row) == {"dense", "stl_r24", "stl_over_dense"}, row
         assert row["stl_r24"]["tokens_per_s"] > 0 and row["stl_over_dense"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_causal_lm_prefill_variants_smoke(tmp_path):
+    """A variant column leaves the sites it names dense (the report says so)."""
+    _run("bench_causal_lm.py", tmp_path, "--parts", "prefill", "--groupings", "causal",
+         "--variants", "dense-kv")
+    rows = json.loads((tmp_path / "causal_lm.json").read_text())["prefill"]
+    assert [r["method"] for r in rows] == ["dense [default]", "STL r=24 causal [default]",
+                                          "STL r=24 causal, dense-kv [default]"], rows
+    assert all("error" not in r for r in rows), rows
+    assert rows[2]["dense_sites"] == ["*k_proj", "*v_proj"]
