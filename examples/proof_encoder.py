@@ -40,10 +40,11 @@ as 2:4 with the same recovery budget and faster than it.
 
 Phase times with the defaults on an H200 (torch 2.11; 420 s in all): train 138 s (4000 steps,
 33.5 ms each), per STL rank convert 3-4 s, calibrate 21-29 s, distill 48-50 s (400 steps); 2:4
-distill 18 s; timing (mostly compiling) dense 11 s, each STL rank 34-40 s, 2:4 10 s. First result
-(docs/results/proof_encoder.json): dense 70.6% / loss 1.098; STL r=24 68.3% / 1.183 at 0.94x
-dense wall-clock; r=32 69.7% / 1.128 at 0.78x; 2:4 70.1% / 1.113 at 0.18x (host-bound). Two
-runs of the same seed differed by 1.5 points of dense accuracy (GPU atomics; ``--deterministic``).
+distill 18 s; timing (mostly compiling) dense 11 s, each STL rank 34-40 s, 2:4 10 s. Latest
+result (docs/results/proof_encoder.json, commit e0defe0): dense 61.2% / loss 1.439; STL r=24
+59.3% / 1.527 at 0.92x dense wall-clock; r=32 61.0% / 1.456 at 0.78x; 2:4 61.1% / 1.450 at
+0.12x (host-bound). Runs of the same seed differ by up to 6 points of dense accuracy (GPU
+atomics; ``--deterministic``): compare the rows of one run (docs/benchmarks.md).
 
 Writes ``--out`` (default docs/results/proof_encoder.json; ``--smoke``: /tmp) after every phase,
 and with ``--log`` the printed output to the same path with ``.log``. Every phase's budget is a

@@ -48,7 +48,8 @@ def stl_compile(model: nn.Module, example_inputs: tuple | Any, config: STLConfig
         example_inputs: positional example inputs: a tuple (one entry per positional
             parameter of ``forward``), or one tensor. Use sizes >= 2 for dims that should
             stay dynamic (torch.export fixes dims of size 0/1 in the example).
-        config: what to convert and how (:class:`STLConfig`; default rank 24, fitted basis,
+        config: what to convert and how (:class:`STLConfig`; default rank 24, basis "auto":
+            the shipped fitted basis, bf16-conditioned for bf16 / fp16 sites;
             ``row_grouping=None``: "causal" for a causal model, found in the captured graph or
             the module tree by :mod:`stl_compiler.passes.detect_causal`, "tokens" otherwise).
         example_kwargs: keyword example inputs (for keyword-only or keyword parameters).

@@ -26,6 +26,10 @@ __all__ = ["STLConfig", "SiteSpec", "TARGETS"]
 
 TARGETS = ("linear", "matmul")
 SKIP = "skip"
+#: The default basis name: "fitted-bf16" for bfloat16 / float16 sites, "fitted" otherwise.
+AUTO = "auto"
+#: Site dtypes for which "auto" picks the bf16-conditioned bases (they serve fp16 as well).
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -47,20 +51,33 @@ class STLConfig:
             (the default) means 24 for a named basis and the basis's own rank for an
             :class:`STLBasis`; a rank given together with a basis object must equal its rank.
             At most t³ (the exact naive basis): more terms cost more than the dense product.
-        basis: an :class:`STLBasis` or a name: "fitted" (shipped bases fitted to Gaussian
-            tiles, minimum α: for float32), "fitted-bf16" (the shipped bf16-conditioned
-            bases, :func:`stl_compiler.bases.fitted` with ``conditioning="bf16"``: for bf16 /
-            fp16 deployment; a bf16 layer drifts at most ~3× as much as a dense one instead
-            of 5-42×, for a larger α, e.g. +9% at rank 24), "strassen" / "naive" (exact;
-            their rank is fixed by the tile), "dps48" (exact rank-48 scheme, tile 4:
+        basis: an :class:`STLBasis` or a name. "auto" (the default) picks per site by the
+            dtype the site computes in: "fitted-bf16" for bfloat16 / float16, "fitted" for
+            float32 / float64 (and where no dtype is known, e.g. ``site_spec(fqn)`` without
+            ``dtype``). A linear site's dtype is its weight's at conversion, an activation ×
+            activation site's its inputs'. Why: the minimum-α "fitted" bases amplify bf16/fp16
+            rounding (a bf16 layer drifts 5-42× as much from its float32 output as a dense one
+            does), the bf16-conditioned ones at most ~3×, for a slightly larger α
+            (docs/quality.md, "bf16-safe bases"). The choice is made when the model is
+            converted: a model converted in float32 and cast to bf16 afterwards keeps the
+            float32 choice, so convert in the deployment dtype, pass ``basis="fitted-bf16"``,
+            or calibrate (:func:`stl_compiler.calibrate`; after it the basis choice no longer
+            matters, docs/quality.md). "fitted" (shipped bases fitted to Gaussian tiles,
+            minimum α: for float32), "fitted-bf16" (the shipped bf16-conditioned bases,
+            :func:`stl_compiler.bases.fitted` with ``conditioning="bf16"``: for bf16 / fp16
+            deployment; a bf16 layer drifts at most ~3× as much as a dense one instead of
+            5-42×, for a larger α, e.g. +9% at rank 24), "strassen" / "naive" (exact; their
+            rank is fixed by the tile), "dps48" (exact rank-48 scheme, tile 4:
             :func:`stl_compiler.bases.dps48`), "strassen-pruned", "random". With
-            ``row_grouping="batch"``, "fitted" and "fitted-bf16" resolve to
+            ``row_grouping="batch"``, "auto", "fitted" and "fitted-bf16" resolve to
             :func:`stl_compiler.tiling.row_separable` of the rank, and any other basis must be
             row-separable (:func:`stl_compiler.tiling.is_row_separable`), else ValueError.
-            With ``row_grouping="causal"``, "fitted" and "fitted-bf16" resolve to the shipped
-            causal basis of the rank (:func:`stl_compiler.bases.causal`; already within 2×
-            dense in bf16), else to the row-separable one, and any other basis must be causal
-            (:func:`stl_compiler.tiling.is_causal`).
+            With ``row_grouping="causal"``, "auto", "fitted" and "fitted-bf16" resolve to the
+            shipped causal basis of the rank (:func:`stl_compiler.bases.causal`; already within
+            2× dense in bf16), else to the row-separable one, and any other basis must be
+            causal (:func:`stl_compiler.tiling.is_causal`). "auto" needs a shipped basis of the
+            rank in both conditionings (checked when the config is built, for "tokens" and
+            automatic grouping).
         targets: which sites to convert: "linear" (parameter weights) and/or "matmul"
             (activation × activation, e.g. attention QKᵀ and AV); a string names one. None
             (default): both, except that a model which already holds ``STLLinear`` layers
@@ -108,7 +125,7 @@ class STLConfig:
 
     tile: int = 4
     rank: int | None = None
-    basis: STLBasis | str = "fitted"
+    basis: STLBasis | str = AUTO
     targets: frozenset[str] | set[str] | tuple[str, ...] | str | None = None
     filter_fn: Callable[[nn.Module | None, str], bool] | None = None
     overrides: Mapping[str, Mapping[str, Any] | str] = field(default_factory=dict)
@@ -146,14 +163,14 @@ class STLConfig:
                 raise ValueError(f"{name} must be a number > 0 or None (no limit), got {value!r}")
         if self.filter_fn is not None:
             _check_filter_fn(self.filter_fn)
-        self._resolve({})  # fail now, not at the first site, on a bad tile/rank/basis
+        self._validate({})  # fail now, not at the first site, on a bad tile/rank/basis
         for pattern, override in self.overrides.items():
             if override == SKIP:
                 continue
             if not isinstance(override, Mapping) or set(override) - {"tile", "rank", "basis"}:
                 raise ValueError(f"override for {pattern!r} must be 'skip' or a dict with keys "
                                  f"tile / rank / basis, got {override!r}")
-            self._resolve(override, pattern)
+            self._validate(override, pattern)
 
     def targets_for(self, has_stl_layers: bool = False) -> frozenset[str]:
         """The site kinds to convert in a model (``has_stl_layers``: it already holds STL
@@ -175,13 +192,17 @@ class STLConfig:
         names = list(names)
         return [p for p in self.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
-    def site_spec(self, fqn: str) -> SiteSpec | None:
-        """Tile, rank and basis for the site ``fqn``, or None when an override skips it."""
+    def site_spec(self, fqn: str, *, dtype: torch.dtype | None = None) -> SiteSpec | None:
+        """Tile, rank and basis for the site ``fqn``, or None when an override skips it.
+
+        ``dtype``: the dtype the site computes in (a linear's weight dtype, an activation ×
+        activation site's input dtype); it decides what ``basis="auto"`` resolves to
+        ("fitted-bf16" for bfloat16 / float16, else "fitted"; None: "fitted")."""
         pattern = self.override_pattern(fqn)
         override = None if pattern is None else self.overrides[pattern]
         if override == SKIP:
             return None
-        basis = self._resolve(override or {}, pattern)
+        basis = self._resolve(override or {}, pattern, dtype)
         return SiteSpec(basis.tile, basis.rank, basis)
 
     def cost_reason(self, dense_flops: int, stl_flops: int, dense_bytes: int, stl_bytes: int,
@@ -197,13 +218,22 @@ class STLConfig:
                         f"{name}={limit:g} ({name}=None converts anyway)")
         return ""
 
-    def _resolve(self, override: Mapping[str, Any], pattern: str | None = None) -> STLBasis:
+    def _resolve(self, override: Mapping[str, Any], pattern: str | None = None,
+                 dtype: torch.dtype | None = None) -> STLBasis:
         try:
-            return _resolve_basis(self, override)
+            return _resolve_basis(self, override, dtype)
         except (TypeError, ValueError) as error:
             if pattern is None:
                 raise
             raise type(error)(f"override {pattern!r}: {error}") from error
+
+    def _validate(self, override: Mapping[str, Any], pattern: str | None = None) -> None:
+        """Resolve ``override`` (may be empty) as a site would; "auto" with "tokens" or
+        automatic grouping for both of its choices, as a site of either dtype needs one."""
+        self._resolve(override, pattern)
+        spec = override["basis"] if "basis" in override else self.basis
+        if spec == AUTO and self.row_grouping in (None, "tokens"):
+            self._resolve(override, pattern, torch.bfloat16)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict; :meth:`from_dict` restores it."""
@@ -266,8 +296,10 @@ def _check_filter_fn(fn: object) -> None:
                         f"in the old (fqn, node) order: swap its parameters (see CHANGELOG.md)")
 
 
-def _resolve_basis(config: STLConfig, override: Mapping[str, Any]) -> STLBasis:
-    """The basis of a site: ``override`` (may be empty) over the config's fields."""
+def _resolve_basis(config: STLConfig, override: Mapping[str, Any],
+                   dtype: torch.dtype | None = None) -> STLBasis:
+    """The basis of a site computing in ``dtype`` (None: unknown): ``override`` (may be
+    empty) over the config's fields."""
     tile = override.get("tile", config.tile)
     if "basis" in override:  # a rank only counts when given in the same place as the basis
         spec, rank = override["basis"], override.get("rank")
@@ -284,9 +316,19 @@ def _resolve_basis(config: STLConfig, override: Mapping[str, Any]) -> STLBasis:
     # None (automatic) is resolved per model by stl_compile / swap_linears_ before any site
     # converts; until then a basis is checked as for "tokens" (any basis fits)
     row_grouping = "tokens" if config.row_grouping is None else config.row_grouping
+    auto = isinstance(spec, str) and spec == AUTO
+    if auto:  # the cache key holds the resolved name: sites of two dtypes differ
+        spec = auto_basis(dtype, row_grouping)
     key = (spec, tile, rank, config.seed, row_grouping)
     if isinstance(spec, STLBasis) or key not in _BASIS_CACHE:
-        basis = _basis_for_grouping(spec, tile, rank, config.seed, row_grouping)
+        try:
+            basis = _basis_for_grouping(spec, tile, rank, config.seed, row_grouping)
+        except ValueError as error:
+            if not (auto and spec == "fitted-bf16"):
+                raise
+            raise ValueError(f"basis='auto' (the default) picks the bf16-conditioned basis for "
+                             f"bfloat16 / float16 sites: {error}. For float32 deployment only, "
+                             f"pass basis='fitted'") from None
         if basis.rank > tile ** 3:  # checked on the result: "strassen"/"naive" fix their rank
             raise ValueError(f"rank={basis.rank} exceeds tile**3={tile ** 3}, the rank of the "
                              f"exact naive basis: STL would cost more than the dense product; "
@@ -300,12 +342,22 @@ def _resolve_basis(config: STLConfig, override: Mapping[str, Any]) -> STLBasis:
     return _BASIS_CACHE[key]
 
 
+def auto_basis(dtype: torch.dtype | None, row_grouping: str | None = "tokens") -> str:
+    """The basis name ``basis="auto"`` resolves to for a site computing in ``dtype``:
+    "fitted-bf16" for bfloat16 / float16 with "tokens" (or automatic) grouping, else "fitted"
+    (with "batch" / "causal" grouping both names give the same bases)."""
+    if dtype in HALF_DTYPES and row_grouping in (None, "tokens"):
+        return "fitted-bf16"
+    return "fitted"
+
+
 def _basis_for_grouping(spec: STLBasis | str, tile: int, rank: int, seed: int,
                         row_grouping: str) -> STLBasis:
-    """The basis of ``spec`` for ``row_grouping``. ``"fitted"`` means: the shipped general
-    fitted basis ("tokens"); the row-separable basis ("batch": the one kind of inexact basis
-    that keeps rows apart); the shipped causal basis of the rank (``bases.causal``), else the
-    row-separable one ("causal"). ``"fitted-bf16"`` is the shipped bf16-conditioned basis
+    """The basis of ``spec`` (``"auto"`` already resolved by :func:`auto_basis`) for
+    ``row_grouping``. ``"fitted"`` means: the shipped general fitted basis ("tokens"); the
+    row-separable basis ("batch": the one kind of inexact basis that keeps rows apart); the
+    shipped causal basis of the rank (``bases.causal``), else the row-separable one
+    ("causal"). ``"fitted-bf16"`` is the shipped bf16-conditioned basis
     ("tokens") and the same as ``"fitted"`` otherwise: the row-separable and causal bases
     are already bf16-safe (amplification 1-1.14, docs/quality.md). Any other basis must be
     row-separable ("batch") or causal ("causal"), else ValueError."""
@@ -325,7 +377,7 @@ def _basis_for_grouping(spec: STLBasis | str, tile: int, rank: int, seed: int,
                 f"`stl-compiler fit-basis --causal --rho 0.5 --tile {tile} --rank {rank} --out "
                 f"FILE` and pass basis=stl_compiler.bases.load(FILE)")
         return row_separable(tile, rank)
-    if spec == "fitted":  # the default: the one kind of inexact basis that keeps rows apart
+    if spec == "fitted":  # ("batch") the one kind of inexact basis that keeps rows apart
         return row_separable(tile, rank)
     basis = bases.resolve(spec, tile, rank, seed)
     if row_grouping == "batch" and not is_row_separable(basis):

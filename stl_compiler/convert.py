@@ -94,8 +94,8 @@ def _non_causal_layers(model: nn.Module, config: STLConfig, causality: str | Non
     return [fqn for fqn, module in model.named_modules()
             if isinstance(module, nn.Linear) and not isinstance(module, STLLinear)
             and not _skip_reason(model, fqn, module, config)
-            and site_causality(config.site_spec(fqn).basis, config.row_grouping)
-            == CAUSAL_NOT_KEPT]
+            and site_causality(config.site_spec(fqn, dtype=module.weight.dtype).basis,
+                               config.row_grouping) == CAUSAL_NOT_KEPT]
 
 
 def _swap_one(model: nn.Module, fqn: str, module: nn.Linear, config: STLConfig,
@@ -103,9 +103,9 @@ def _swap_one(model: nn.Module, fqn: str, module: nn.Linear, config: STLConfig,
     reason = _skip_reason(model, fqn, module, config)
     if reason:
         return f"skipped: {reason}"
-    layer = STLLinear.from_linear(module, config.site_spec(fqn).basis,
-                                  row_grouping=config.row_grouping, train_basis=train_basis,
-                                  keep_reference=keep_reference)
+    basis = config.site_spec(fqn, dtype=module.weight.dtype).basis  # "auto": by the dtype
+    layer = STLLinear.from_linear(module, basis, row_grouping=config.row_grouping,
+                                  train_basis=train_basis, keep_reference=keep_reference)
     parent_name, _, child = fqn.rpartition(".")
     setattr(model.get_submodule(parent_name), child, layer)
     return "converted"
@@ -113,7 +113,7 @@ def _swap_one(model: nn.Module, fqn: str, module: nn.Linear, config: STLConfig,
 
 def _skip_reason(model: nn.Module, fqn: str, module: nn.Linear, config: STLConfig) -> str:
     """Why ``module`` stays dense ("" when it converts), without the "skipped: " prefix."""
-    spec = config.site_spec(fqn)
+    spec = config.site_spec(fqn, dtype=module.weight.dtype)
     k, m = module.in_features, module.out_features
     if module is model:
         return ("the model itself is an nn.Linear and cannot be swapped in place; use "
@@ -141,10 +141,12 @@ def _warn_already_converted(model: nn.Module, config: STLConfig, outcome: dict[s
     """Name the STLLinear layers whose tile/rank/grouping differ from what config asks."""
     differing = []
     for fqn, result in outcome.items():
-        spec = config.site_spec(fqn) if result.startswith("kept") else None
-        layer = model.get_submodule(fqn) if spec is not None else None
-        if layer is not None and ((layer.tile, layer.rank, layer.row_grouping)
-                                  != (spec.tile, spec.rank, config.row_grouping)):
+        if not result.startswith("kept"):
+            continue
+        layer = model.get_submodule(fqn)
+        spec = config.site_spec(fqn, dtype=layer.weight_encoded.dtype)
+        if spec is not None and ((layer.tile, layer.rank, layer.row_grouping)
+                                 != (spec.tile, spec.rank, config.row_grouping)):
             differing.append(f"{fqn or '<model>'} (tile {layer.tile}, rank {layer.rank}, "
                              f"{layer.row_grouping!r}; config asks tile {spec.tile}, rank "
                              f"{spec.rank}, {config.row_grouping!r})")

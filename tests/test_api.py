@@ -405,3 +405,26 @@ def test_mode_options_dynamic_reach_torch_compile(monkeypatch, kwargs):
 def test_bad_compile_options_are_refused_before_capture(kwargs, error, match):
     with pytest.raises(error, match=match):
         stl_compile(DataDependent(), (torch.randn(2, 16),), **kwargs)
+
+
+class _LinearThenGram(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h @ h.transpose(-2, -1)
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float32, "fitted4x24"),
+                                        (torch.bfloat16, "fitted4x24-bf16")])
+def test_default_basis_follows_the_site_dtype(dtype, name):
+    """basis="auto": the linear site (by its weight) and the act x act site (by its inputs) of
+    a bf16 model get the bf16-conditioned basis, of a float32 model the minimum-alpha one."""
+    torch.manual_seed(0)
+    model = _LinearThenGram().to(dtype).eval()
+    compiled = stl_compile(model, (torch.randn(2, 16, 64, dtype=dtype),),
+                           STLConfig(max_cost_ratio=None), backend="eager")
+    sites = {s.name: (s.kind, s.converted, s.basis) for s in compiled.stl_report.sites}
+    assert sites == {"fc": ("linear", True, name), "matmul": ("matmul", True, name)}

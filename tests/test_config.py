@@ -1,6 +1,7 @@
 """STLConfig: validation, per-site overrides, to_dict / from_dict.
 
-The default basis "fitted" needs shipped data files, so every test names a basis explicitly.
+The default basis "auto" ("fitted" / "fitted-bf16" by the site's dtype) needs shipped data
+files, so every test names a basis explicitly unless it tests the default.
 """
 
 from __future__ import annotations
@@ -282,3 +283,66 @@ def test_fitted_bf16_with_batch_or_causal_grouping_is_the_same_as_fitted():
         plain = STLConfig(basis="fitted", rank=24, row_grouping=grouping).site_spec("x")
         assert bf16.basis.name == plain.basis.name
         assert all(torch.equal(a, b) for a, b in zip(bf16.basis.matrices, plain.basis.matrices))
+
+
+# --- basis="auto" (the default) --------------------------------------------------------------
+
+def _same_basis(a: bases.STLBasis, b: bases.STLBasis) -> bool:
+    return a.name == b.name and all(torch.equal(x, y) for x, y in zip(a.matrices, b.matrices))
+
+
+def test_auto_is_the_default_and_resolves_by_the_site_dtype():
+    config = STLConfig()
+    assert config.basis == "auto"
+    plain, bf16 = bases.fitted(4, 24), bases.fitted(4, 24, conditioning="bf16")
+    for dtype in (None, torch.float32, torch.float64):
+        assert _same_basis(config.site_spec("x", dtype=dtype).basis, plain)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _same_basis(config.site_spec("x", dtype=dtype).basis, bf16)
+    # the cache key holds the resolved name: one entry per choice, reused
+    assert config.site_spec("a", dtype=torch.bfloat16).basis \
+        is config.site_spec("b", dtype=torch.float16).basis
+    assert config.site_spec("a").basis is STLConfig(basis="fitted").site_spec("a").basis
+    # an override may name "auto" too
+    mixed = STLConfig(basis="random", overrides={"fc": {"basis": "auto"}})
+    assert _same_basis(mixed.site_spec("fc", dtype=torch.bfloat16).basis, bf16)
+    assert mixed.site_spec("other", dtype=torch.bfloat16).basis.name.startswith("random")
+
+
+def test_auto_with_batch_or_causal_grouping_is_the_same_as_fitted():
+    for grouping in ("batch", "causal"):
+        plain = STLConfig(basis="fitted", row_grouping=grouping).site_spec("x").basis
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            auto = STLConfig(row_grouping=grouping).site_spec("x", dtype=dtype).basis
+            assert _same_basis(auto, plain)
+
+
+def test_auto_round_trips_through_to_dict():
+    config = STLConfig()
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["basis"] == "auto"
+    restored = STLConfig.from_dict(data)
+    assert restored == config and restored.basis == "auto"
+    assert restored.site_spec("x", dtype=torch.bfloat16).basis \
+        is config.site_spec("x", dtype=torch.bfloat16).basis
+
+
+def test_auto_needs_a_bf16_basis_of_the_rank_when_the_config_is_built(monkeypatch):
+    from stl_compiler import config as config_module
+
+    fitted = bases.fitted
+
+    def no_bf16_at_40(tile=4, rank=24, conditioning=None):
+        if conditioning == "bf16" and rank == 40:
+            raise ValueError("no bf16-conditioned fitted basis ships for tile=4, rank=40")
+        return fitted(tile, rank, conditioning)
+
+    monkeypatch.setattr(bases, "fitted", no_bf16_at_40)
+    monkeypatch.setattr(config_module, "_BASIS_CACHE", {})
+    with pytest.raises(ValueError, match=r"basis='auto' \(the default\) picks the "
+                                         r"bf16-conditioned .*rank=40.*pass basis='fitted'"):
+        STLConfig(rank=40)
+    with pytest.raises(ValueError, match="override 'fc'.*basis='auto'"):
+        STLConfig(basis="random", overrides={"fc": {"basis": "auto", "rank": 40}})
+    STLConfig(basis="fitted", rank=40)  # float32 only: fine
+    STLConfig(rank=40, row_grouping="causal")  # resolves like "fitted": no bf16 basis needed

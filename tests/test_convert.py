@@ -196,3 +196,46 @@ def test_unused_override_pattern_warns():
         swap_linears_(TinyModel(), STLConfig(basis="random", rank=6, min_dim=1,
                                              overrides={"blocks.*.mlp": "skip",
                                                         "head": "skip"}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_basis_follows_the_layer_dtype(dtype):
+    """basis="auto" (the default): bf16 layers get the bf16-conditioned basis, float32 ones
+    the minimum-alpha basis."""
+    from stl_compiler import bases
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).to(dtype)
+    outcome = swap_linears_(model, STLConfig(max_cost_ratio=None))  # 64 x 64: costly at r=24
+    assert outcome == {"0": "converted", "2": "converted"}
+    want = bases.fitted(4, 24, conditioning="bf16" if dtype == torch.bfloat16 else None)
+    for layer in (model[0], model[2]):
+        assert layer.ex.dtype == dtype
+        assert torch.equal(layer.ex, want.ex.to(dtype)) and torch.equal(layer.d, want.d.to(dtype))
+
+
+def test_default_basis_keeps_a_bf16_layer_within_3x_of_dense_drift():
+    """A bf16 layer converted with the default config drifts from the same layer in float32
+    (tools/bf16_layer_error.py's measure) about as a dense one does; basis="fitted" does not."""
+    import copy
+
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(256, 256)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(256, 256, generator=gen) / 16)
+        linear.bias.copy_(torch.randn(256, generator=gen) / 16)
+    x = torch.randn(2048, 256, generator=gen)
+
+    def drift(y16: torch.Tensor, y32: torch.Tensor) -> float:
+        return float((y16.double() - y32.double()).norm() / y32.double().norm())
+
+    with torch.no_grad():
+        dense = drift(copy.deepcopy(linear).bfloat16()(x.bfloat16()), linear(x))
+        ratios = {}
+        for basis in ("auto", "fitted"):
+            config = STLConfig(basis=basis)
+            model = nn.Sequential(copy.deepcopy(linear).bfloat16())
+            assert swap_linears_(model, config) == {"0": "converted"}
+            fp32 = STLLinear.from_linear(linear, config.site_spec("0", dtype=torch.bfloat16).basis)
+            ratios[basis] = drift(model(x.bfloat16()), fp32(x)) / dense
+    assert ratios["auto"] <= 3.3 and ratios["fitted"] > 10, ratios  # measured 2.95, 38

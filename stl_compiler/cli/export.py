@@ -4,7 +4,7 @@
 
     stl-compiler export --model mypkg.models:make_model --input-shape 2x16x64 \\
         --format onnx --out model.onnx [--config stl.json --checkpoint calibrated.pt \\
-        --basis fitted|FILE.safetensors --rank 24 --tile 4 --fp16 --force]
+        --basis auto|fitted|FILE.safetensors --rank 24 --tile 4 --fp16 --force]
 """
 
 from __future__ import annotations
@@ -75,10 +75,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--rank", type=int, default=None,
                         help="tensor rank r (default 24, or the basis file's)")
     parser.add_argument("--basis", default=None, metavar="NAME|FILE",
-                        help="fitted | fitted-bf16 (for --fp16 / bf16 deployment) | dps48 | "
-                             "strassen | strassen-pruned | naive | random, or a basis file "
-                             "(.safetensors, from stl-compiler fit-basis or STLBasis.save); "
-                             "default fitted")
+                        help="auto (per site: fitted-bf16 for bf16 / fp16 weights, and "
+                             "for every site with --fp16; fitted otherwise) | fitted | "
+                             "fitted-bf16 (for --fp16 / bf16 deployment) | dps48 | strassen | "
+                             "strassen-pruned | naive | random, or a basis file (.safetensors, "
+                             "from stl-compiler fit-basis or STLBasis.save); default: the "
+                             "--config's basis, else auto")
     parser.add_argument("--min-dim", type=int, default=None,
                         help="keep sites with a dim below this dense (default: STLConfig's)")
     parser.add_argument("--fp16", action="store_true", help="export in float16")
@@ -252,24 +254,48 @@ def _tile_support(basis: Any, tile: Any, rank: Any) -> str | None:
     if basis in ("strassen", "strassen-pruned") and tile & (tile - 1):
         return f"--basis {basis} needs a power-of-two --tile (2, 4, 8, ...), got {tile}; use " \
                + others
-    if basis not in ("fitted", "fitted-bf16"):
+    # the shipped conditionings each name needs ("auto" picks one per site, by its dtype)
+    conditionings = {"fitted": (None,), "fitted-bf16": ("bf16",), "auto": (None, "bf16")}
+    if basis not in conditionings:
         return None
-    conditioning = "bf16" if basis == "fitted-bf16" else None
-    shipped_ranks = bases.fitted_ranks(tile, conditioning)
+
+    def fitted_ranks(t: int) -> list[int]:
+        return sorted(set.intersection(*(set(bases.fitted_ranks(t, c))
+                                         for c in conditionings[basis])))
+
+    shipped_ranks = fitted_ranks(tile)
     if not shipped_ranks or rank is not None and rank not in shipped_ranks:
-        shipped = {t: ranks for t in range(2, 17)
-                   if (ranks := bases.fitted_ranks(t, conditioning))}
+        shipped = {t: ranks for t in range(2, 17) if (ranks := fitted_ranks(t))}
         listing = "; ".join(f"tile {t}: ranks {', '.join(map(str, r))}"
                             for t, r in shipped.items())
         asked = f"--tile {tile}" + ("" if rank is None or not shipped_ranks else
                                     f" --rank {rank}")
-        return f"no {basis} basis ships for {asked} (shipped: {listing}); pick a shipped tile " \
+        what = (f"{basis} basis" if basis != "auto" else
+                "fitted and fitted-bf16 basis (basis auto, the default, picks one per site)")
+        return f"no {what} ships for {asked} (shipped: {listing}); pick a shipped tile " \
                f"and rank, or use {others}"
     return None
 
 
+def _fp16_basis(data: dict[str, Any]) -> None:
+    """With --fp16 the model converts in float32 and deploys in float16, so basis "auto" (the
+    default, by the dtype at conversion) would pick the float32 bases: use the bf16-conditioned
+    ones (they serve fp16 as well, docs/quality.md) wherever the config says "auto"."""
+    if data.get("basis", "auto") == "auto":
+        data["basis"] = "fitted-bf16"
+        _note("--fp16: basis auto -> fitted-bf16 (the bf16-conditioned bases, for float16 "
+              "deployment)")
+    overrides = data.get("overrides")
+    if isinstance(overrides, Mapping):
+        data["overrides"] = {
+            pattern: {**override, "basis": "fitted-bf16"}
+            if isinstance(override, Mapping) and override.get("basis") == "auto" else override
+            for pattern, override in overrides.items()}
+
+
 def _config(args: argparse.Namespace) -> Any:
-    """The STLConfig of --config, overridden by --tile / --rank / --basis / --min-dim."""
+    """The STLConfig of --config, overridden by --tile / --rank / --basis / --min-dim; with
+    --fp16, basis "auto" becomes "fitted-bf16" (:func:`_fp16_basis`)."""
     from ..bases import STLBasis
     from ..config import STLConfig
 
@@ -279,6 +305,8 @@ def _config(args: argparse.Namespace) -> Any:
     if args.basis is not None:
         data["basis"] = (_load_basis(args.basis, "--basis") if _is_path(args.basis)
                          else args.basis)
+    if args.fp16:
+        _fp16_basis(data)
     basis = data.get("basis")
     if isinstance(basis, STLBasis):  # the basis fixes the tile and the rank
         for key in ("tile", "rank"):

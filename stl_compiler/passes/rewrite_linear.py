@@ -120,8 +120,9 @@ def rewrite_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for call in calls:
             call.node.meta[LINEAR_SITE] = name
 
-        reason = _skip_reason(gm, ctx, name, calls, k, m)
-        spec = config.site_spec(name) if not reason else None
+        # the site computes in its weight's dtype: it decides what basis="auto" resolves to
+        reason = _skip_reason(gm, ctx, name, calls, k, m, weight.dtype)
+        spec = config.site_spec(name, dtype=weight.dtype) if not reason else None
         if spec is not None:
             padded = [padded_rows(shape_of(c.x) or (k,), spec.tile, config.row_grouping)
                       for c in calls]
@@ -159,7 +160,7 @@ def rewrite_linear(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, calls: list[LinearCall],
-                 k: int, m: int) -> str:
+                 k: int, m: int, dtype: torch.dtype) -> str:
     config = ctx.config
     own = {c.node for c in calls} | {c.via for c in calls if c.via is not None}
     for call in calls:
@@ -179,7 +180,7 @@ def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, calls: list[Li
         return "unsupported pattern: bias computed at run time"
     if "linear" not in config.targets_for():
         return "filtered: 'linear' not in config.targets"
-    spec = config.site_spec(name)
+    spec = config.site_spec(name, dtype=dtype)
     if spec is None:
         return "skipped by an override"
     owner = filter_module(gm, ctx, calls[0].weight.target.rpartition(".")[0])

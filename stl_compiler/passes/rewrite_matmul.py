@@ -148,10 +148,11 @@ def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node
     itemsize = a.meta["val"].element_size()
     row.dense_flops = batch * dense_flops(n, k, m)
     row.dense_bytes = batch * dense_bytes(n, k, m, itemsize=itemsize)
-    row.reason = _skip_reason(gm, ctx, name, a, b, n, k, m, targets)
+    dtype = a.meta["val"].dtype  # the site's compute dtype: what basis="auto" resolves by
+    row.reason = _skip_reason(gm, ctx, name, a, b, n, k, m, targets, dtype)
     if row.reason:
         return
-    spec = config.site_spec(name)
+    spec = config.site_spec(name, dtype=dtype)
     row.stl_flops = batch * stl_flops(n, k, m, spec.tile, spec.rank, encode_w=True)
     row.stl_bytes = batch * stl_bytes(n, k, m, spec.tile, spec.rank, encode_w=True,
                                       itemsize=itemsize)
@@ -159,7 +160,7 @@ def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node
                                     row.stl_bytes, f" (n={n}, k={k}, m={m})")
     if row.reason:
         return
-    module = STLMatmul(spec.basis, dtype=a.meta["val"].dtype, device=a.meta["val"].device)
+    module = STLMatmul(spec.basis, dtype=dtype, device=a.meta["val"].device)
     set_submodule(gm, name, module)
     with gm.graph.inserting_before(node):
         if transposed:
@@ -180,7 +181,7 @@ def _rewrite_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, a: fx.Node
 
 
 def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, a: fx.Node, b: fx.Node,
-                 n: int, k: int, m: int, targets: frozenset[str]) -> str:
+                 n: int, k: int, m: int, targets: frozenset[str], dtype: torch.dtype) -> str:
     config = ctx.config
     if weight_operand(gm, a) is not None or weight_operand(gm, b) is not None:
         return "unsupported pattern: parameter operand not in the linear (x @ W) position"
@@ -194,7 +195,7 @@ def _skip_reason(gm: fx.GraphModule, ctx: PassContext, name: str, a: fx.Node, b:
                 "sequence, so STL would mix them (causality); kept dense")
     if config.row_grouping == "causal":
         return MATMUL_DENSE_REASON
-    spec = config.site_spec(name)
+    spec = config.site_spec(name, dtype=dtype)
     if spec is None:
         return "skipped by an override"
     if config.filter_fn is not None and not config.filter_fn(None, name):

@@ -158,6 +158,9 @@ def test_usage_error_is_one_line(capsys):
      r"random \(any tile >= 2\).*--basis FILE"),
     (["--basis", "fitted-bf16", "--rank", "17"],
      r"no fitted-bf16 basis ships for --tile 4 --rank 17 \(shipped: tile 4: ranks 16, 20, 24"),
+    (["--basis", "auto", "--rank", "17"],
+     r"no fitted and fitted-bf16 basis \(basis auto, the default, picks one per site\) ships "
+     r"for --tile 4 --rank 17 \(shipped: tile 4: ranks 16, 20, 24"),
     (["--tile", "3", "--basis", "strassen"], "needs a power-of-two --tile"),
     (["--basis", "missing.safetensors"], "--basis: no basis file at 'missing.safetensors'"),
     (["--basis", "mymodels.py"], "--basis: .* is not a safetensors file"),
@@ -204,7 +207,8 @@ def _converted_mlp(config: stl.STLConfig) -> torch.nn.Module:
 
 
 def _namespace(**options) -> argparse.Namespace:
-    values = {"config": None, "tile": None, "rank": None, "basis": None, "min_dim": None}
+    values = {"config": None, "tile": None, "rank": None, "basis": None, "min_dim": None,
+              "fp16": False}
     return argparse.Namespace(**values | options)
 
 
@@ -226,6 +230,20 @@ def test_config_options(workdir):
     (workdir / "sub" / "d.json").write_text(json.dumps(saved | {"basis": "b.safetensors"}))
     config = _config(_namespace(config=workdir / "sub" / "d.json"))
     assert torch.equal(config.basis.ex, stl.bases.random(4, 16, seed=3).ex)
+
+
+def test_fp16_turns_the_default_basis_into_fitted_bf16(workdir, capsys):
+    """--fp16 converts the float32 model for a float16 deployment: basis "auto" (the default,
+    also when --config or an override names it) becomes "fitted-bf16"; a named basis stays."""
+    assert _config(_namespace()).basis == "auto"
+    assert _config(_namespace(fp16=True)).basis == "fitted-bf16"
+    assert "--fp16: basis auto -> fitted-bf16" in capsys.readouterr().err
+    assert _config(_namespace(fp16=True, basis="fitted")).basis == "fitted"
+    saved = stl.STLConfig(rank=16, overrides={"fc": {"basis": "auto"}, "x": "skip"}).to_dict()
+    (workdir / "auto.json").write_text(json.dumps(saved))
+    config = _config(_namespace(config=workdir / "auto.json", fp16=True))
+    assert config.basis == "fitted-bf16" and config.rank == 16
+    assert config.overrides == {"fc": {"basis": "fitted-bf16"}, "x": "skip"}
 
 
 def test_model_from_file_path(workdir, tmp_path_factory):
