@@ -1,9 +1,10 @@
-"""α of every shipped basis measured through the STL ops on a device, in float32 and bfloat16.
+"""α and bf16 drift of the shipped bases through the STL ops on a device (fp32 and bf16).
 
     python tools/alpha_device.py --out alpha_device.json        # CUDA: the Triton kernels
 
-The α table of docs/quality.md is exact float64 algebra (α = ‖T − T_r‖² / 16) plus a CPU
-Monte Carlo of one tile product in bf16. This measures what a deployed layer computes: X
+Bases: general fitted (minimum α and bf16-conditioned), causal and row-separable, every
+shipped rank. The α table of docs/quality.md is exact float64 algebra (α = ‖T − T_r‖² / 16)
+plus a CPU Monte Carlo of one tile product in bf16. This measures what a deployed layer computes: X
 ``(n, K)`` and W ``(K, M)`` Gaussian, both cast to the run dtype, the product taken by
 ``stl_compiler.functional.stl_product`` (``stl::encode`` → batched matmul → ``stl::decode``; on
 CUDA the Triton encode / decode kernels and cuBLAS), compared with the float64 product of the
@@ -26,6 +27,7 @@ import torch
 
 from stl_compiler import bases
 from stl_compiler.functional import stl_product
+from stl_compiler.tiling import row_separable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -59,6 +61,19 @@ def measure(basis: bases.STLBasis | None, device: torch.device, n: int, k: int, 
     return {name: total / seeds for name, total in sums.items()}
 
 
+def candidates(rank: int) -> list[tuple[str, bases.STLBasis]]:
+    """The shipped bases of ``rank``: general fitted (``fitted``, ``fitted-bf16``), causal
+    (``bases.causal``) and row-separable (``tiling.row_separable``, what "batch" uses)."""
+    found = [(name, bases.fitted(4, rank, conditioning))
+             for name, conditioning in (("fitted", None), ("fitted-bf16", "bf16"))
+             if rank in bases.fitted_ranks(4, conditioning)]
+    if rank in bases.causal_ranks(4):
+        found.append(("causal", bases.causal(4, rank)))
+    if rank % 4 == 0:
+        found.append(("row-separable", row_separable(4, rank)))
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,10 +90,7 @@ def main(argv: list[str] | None = None) -> None:
              **measure(None, device, args.rows, args.k, args.seeds)}]
     dense_drift = rows[0]["bf16_drift"]
     for rank in ranks:
-        for name, conditioning in (("fitted", None), ("fitted-bf16", "bf16")):
-            if rank not in bases.fitted_ranks(4, conditioning):
-                continue
-            basis = bases.fitted(4, rank, conditioning)
+        for name, basis in candidates(rank):
             row = {"basis": name, "rank": rank, "alpha_float64": basis.alpha,
                    **measure(basis, device, args.rows, args.k, args.seeds)}
             row["drift_vs_dense"] = row["bf16_drift"] / dense_drift

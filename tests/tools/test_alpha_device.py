@@ -25,7 +25,8 @@ def test_alpha_device_matches_exact_alpha_and_flags_bf16_drift(tmp_path):
     _tool().main(["--device", "cpu", "--rows", "512", "--k", "128", "--seeds", "2",
                   "--ranks", "24", "48", "--out", str(out)])
     rows = {(r["basis"], r["rank"]): r for r in json.loads(out.read_text())["rows"]}
-    for key in (("fitted", 24), ("fitted-bf16", 24), ("fitted-bf16", 48)):
+    for key in (("fitted", 24), ("fitted-bf16", 24), ("fitted-bf16", 48), ("causal", 24),
+                ("row-separable", 24)):
         row = rows[key]  # 512 x 128 entries, each a sum of 32 tile products: a few % noise
         assert row["fp32"] == pytest.approx(row["alpha_float64"], rel=0.08), row
     assert rows[("fitted", 48)]["fp32"] < 1e-9  # the exact basis reproduces the product
