@@ -13,8 +13,10 @@ A random-weight ``LlamaForCausalLM`` (hidden 512, 4 layers by default) is conver
    basis whose terms span tile rows (where decoding without the tile state is far off: the
    ``no_state`` row shows by how much). Eager DynamicCache and compiled StaticCache.
 3. ``speed``: tokens/s, dense vs STL rank 24 (bf16, prompt ``--prompt``, ``--new`` new tokens,
-   batch 1 and 8): eager DynamicCache and compiled StaticCache (reduce-overhead). Prefill is
-   timed alone (one new token) so decode tokens/s is reported too.
+   batch 1 and 8): eager DynamicCache, compiled StaticCache (reduce-overhead; transformers
+   compiles the decode step only) and ``compiled-forward`` (the whole ``model.forward``
+   compiled, so the prefill too; ``--modes``). Prefill is timed alone (one new token) so decode
+   tokens/s is reported too.
 
 Prints one JSON object (and writes it to ``$OUT/gpu_generation.json`` or ``--out``).
 ``--smoke`` runs a tiny model on CPU (no compile unless ``--compile``): the code path only.
@@ -62,7 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-exact", type=int, default=40)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"],
-                   choices=["eager", "compiled"], help="speed step: generation modes timed")
+                   choices=["eager", "compiled", "compiled-forward"],
+                   help="generation modes: eager (DynamicCache), compiled (StaticCache, "
+                        "transformers compiles the decode step), compiled-forward (StaticCache, "
+                        "the whole forward compiled: prefill too)")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
     p.add_argument("--compile", action="store_true", help="compile in --smoke too")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU")
@@ -115,9 +120,21 @@ def compile_config(device: torch.device) -> Any:
     return config
 
 
+def compiled_forward(model: Any, device: torch.device) -> Any:
+    """``model.forward`` compiled once per model (static shapes: one graph for the prefill, one
+    for the decode step; CUDA graphs on a GPU), the transformers "compile the forward" recipe
+    that compiles the prefill too."""
+    if "_bench_compiled_forward" not in model.__dict__:
+        model.__dict__["_bench_compiled_forward"] = torch.compile(
+            model.forward, fullgraph=True, dynamic=False,
+            mode="reduce-overhead" if device.type == "cuda" else "default")
+    return model.__dict__["_bench_compiled_forward"]
+
+
 def generate(model: Any, ids: torch.Tensor, new: int, mode: str, device: torch.device) -> Any:
     """``mode``: "eager" (DynamicCache), "static" (StaticCache, eager), "compiled" (StaticCache,
-    decode step compiled by transformers)."""
+    decode step compiled by transformers), "compiled-forward" (StaticCache, the whole forward
+    compiled: :func:`compiled_forward`, so the prefill runs compiled as well)."""
     kwargs: dict[str, Any] = {}
     if mode != "eager":
         kwargs["cache_implementation"] = "static"
@@ -125,10 +142,15 @@ def generate(model: Any, ids: torch.Tensor, new: int, mode: str, device: torch.d
         kwargs["compile_config"] = compile_config(device)
     else:
         kwargs["disable_compile"] = True
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                              min_new_tokens=new, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, **kwargs)
+    if mode == "compiled-forward":
+        model.forward = compiled_forward(model, device)
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                  min_new_tokens=new, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True, **kwargs)
+    finally:
+        model.__dict__.pop("forward", None)  # the class's forward again
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -200,6 +200,27 @@ def test_compiled_static_decode_equals_full_forward():
     assert rel_err(steps, full) < TOL
 
 
+@pytest.mark.slow
+def test_compiled_forward_prefill_and_decode_equal_full_forward():
+    """The whole ``model.forward`` compiled (transformers' "compile the forward" recipe, static
+    shapes), so the prefill runs compiled as well as the decode steps; the prompt ends inside
+    a tile."""
+    model = convert(llama(), random_causal_basis())
+    ids = tokens(2, 6)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    try:
+        out = generate(model, ids, 7, cache_implementation="static", disable_compile=True)
+    finally:
+        del model.forward
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # prefill, decode
+    assert not counters["graph_break"]
+    steps, full = generated_vs_full(model, out, 6)
+    assert rel_err(steps, full) < TOL
+
+
 # --- exact basis: the dense model's tokens ----------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(MODELS))
